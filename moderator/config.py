@@ -1,0 +1,166 @@
+"""Settings: one frozen object, read once at start-up from the environment (prefix ``MODERATOR_``).
+
+Every field maps to one variable: ``kafka_bootstrap_servers`` is ``MODERATOR_KAFKA_BOOTSTRAP_SERVERS``.
+A bad value stops start-up with :class:`ConfigError`, whose message names the variable and says why.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MODERATOR_"
+
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+
+
+class ConfigError(Exception):
+    """Start-up configuration is invalid; the message names each bad variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port...]")
+    # Broker protocol version as "3.7", "0.9", ...; empty means let the client probe the broker.
+    # Brokers older than 0.10 cannot be probed: set "0.9" for them.
+    kafka_api_version: str | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None
+    kafka_client_id: str = "moderator"
+    kafka_group_id: str = "moderator"
+    topic_images: str = "images"
+    topic_decisions: str = "decisions"
+    topic_review: str = "review"
+    topic_dead_letters: str = "dead-letters"
+
+    # --- Redis (text-embedding cache; it accelerates, it never decides) -----------------------
+    redis_enabled: bool = True
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_socket_timeout_ms: int = Field(200, ge=1, le=60_000)
+    redis_connect_timeout_ms: int = Field(200, ge=1, le=60_000)
+    redis_key_prefix: str = "moderator:emb:"
+    # After a Redis error, skip Redis for this long before trying again.
+    redis_retry_after_s: float = Field(5.0, ge=0.0, le=3600.0)
+
+    # --- Model ----------------------------------------------------------------------------------
+    model_id: str = Field("openai/clip-vit-base-patch32", description="hub id or local directory")
+    model_revision: str | None = None  # a commit hash pins the weights; None = the hub's main
+    model_local_files_only: bool = False  # offline: never reach the hub
+    model_cache_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    text_cache_size: int = Field(65_536, ge=0)  # in-process LRU entries in front of Redis
+
+    # --- Images ---------------------------------------------------------------------------------
+    image_formats: tuple[ImageFormat, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    image_max_pixels: int = Field(40_000_000, ge=1)  # Pillow's own bomb threshold is ~89.5M
+    image_jpeg_draft: bool = False  # JPEG DCT-domain downscale for images much larger than the input
+    decode_threads: int = Field(4, ge=1, le=256)
+
+    # --- Batching -------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_delay_ms: float = Field(20.0, ge=0.0, le=60_000.0)
+
+    # --- Policies -------------------------------------------------------------------------------
+    policy_dir: Path = Path("policies")
+    default_policy: str | None = None
+
+    # --- Observability --------------------------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)  # /metrics, /healthz, /readyz; 0 = a free port
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+    @field_validator("kafka_api_version")
+    @classmethod
+    def _api_version(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "" or v.strip().lower() == "auto":
+            return None
+        if not re.fullmatch(r"\d+(\.\d+){1,2}", v.strip()):
+            raise ValueError('expected a broker version such as "3.7" or "0.9", or empty to probe')
+        return v.strip()
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for part in v.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {part!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError('expected "auto", "cpu", "cuda", "cuda:N" or "mps"')
+        return v
+
+    @model_validator(mode="after")
+    def _sasl(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
+            raise ValueError("MODERATOR_KAFKA_SASL_MECHANISM is required with a SASL security protocol")
+        return self
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def kafka_api_version_tuple(self) -> tuple[int, ...] | None:
+        if self.kafka_api_version is None:
+            return None
+        return tuple(int(p) for p in self.kafka_api_version.split("."))
+
+    def kafka_common(self) -> dict[str, object]:
+        """Keyword arguments shared by every kafka-python client this process makes."""
+        common: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers.split(","),
+            "client_id": self.kafka_client_id,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_api_version_tuple is not None:
+            common["api_version"] = self.kafka_api_version_tuple
+        if self.kafka_sasl_mechanism is not None:
+            common["sasl_mechanism"] = self.kafka_sasl_mechanism
+            common["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                common["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        for key, value in (
+            ("ssl_cafile", self.kafka_ssl_cafile),
+            ("ssl_certfile", self.kafka_ssl_certfile),
+            ("ssl_keyfile", self.kafka_ssl_keyfile),
+        ):
+            if value is not None:
+                common[key] = str(value)
+        if self.kafka_ssl_password is not None:
+            common["ssl_password"] = self.kafka_ssl_password.get_secret_value()
+        return common
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            var = ENV_PREFIX + loc[0].upper() if loc else "(settings)"
+            lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
