@@ -3,23 +3,162 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moderator import stack
+from moderator.config import ConfigError, Settings, load_settings
+from moderator.observability import configure_logging
+
+# The reference zero-shot pipeline's default template; `classify --label` uses it too, so that its
+# scores are the pipeline's scores.
+PIPELINE_TEMPLATE = "This is a photo of {}."
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "model", None):
+        overrides["model_id"] = args.model
+    return load_settings(**overrides)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from moderator.clip import ClipEngine, zero_shot_probs
+    from moderator.embedding_cache import TextEncoder, cache_from_settings
+    from moderator.images import ImageError, ImageLimits, ImageLoader
+
+    settings = _settings(args)
+    if not args.label:
+        print("classify needs at least one --label", file=sys.stderr)
+        return 2
+    engine = ClipEngine.from_settings(settings)
+    encoder = TextEncoder(engine, cache_from_settings(settings, engine))
+    prompts = [args.template.replace("{}", label) if "{}" in args.template else label for label in args.label]
+    text = torch.from_numpy(encoder.encode(prompts)).to(engine.device)
+    limits = ImageLimits(
+        max_bytes=settings.image_max_bytes,
+        max_pixels=settings.image_max_pixels,
+        formats=settings.image_formats,
+        jpeg_draft=settings.image_jpeg_draft,
+    )
+    loader = ImageLoader(limits, engine.spec, settings.decode_threads)
+    failed = 0
+    paths = list(args.images)
+    try:
+        for start in range(0, len(paths), settings.max_batch_size):
+            chunk = paths[start : start + settings.max_batch_size]
+            datas: list[bytes | None] = []
+            for p in chunk:
+                try:
+                    datas.append(Path(p).read_bytes())
+                except OSError:
+                    datas.append(None)
+            results = loader.load_many([d if d is not None else b"" for d in datas])
+            good = [
+                i for i, r in enumerate(results) if not isinstance(r, ImageError) and datas[i] is not None
+            ]
+            probs = None
+            if good:
+                embs = engine.encode_images(np.stack([results[i] for i in good]))  # type: ignore[misc]
+                probs = zero_shot_probs(embs, text, engine.logit_scale).cpu().tolist()
+            row_of = {i: n for n, i in enumerate(good)}
+            for i, p in enumerate(chunk):
+                res = results[i]
+                if datas[i] is None:
+                    out = {"image": p, "error": "unreadable_file", "message": f"cannot read {p}"}
+                elif isinstance(res, ImageError):
+                    out = {"image": p, "error": res.reason, "message": str(res)}
+                else:
+                    row = probs[row_of[i]]  # type: ignore[index]
+                    scores = dict(zip(args.label, row, strict=True))
+                    out = {"image": p, "scores": scores, "model": engine.fingerprint}
+                if "error" in out:
+                    failed += 1
+                print(json.dumps(out), flush=True)
+    finally:
+        loader.close()
+    return 1 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from moderator.clip import SUPPORTED_CHECKPOINTS, checkpoint_available
+
+    settings = load_settings()
+    for info in SUPPORTED_CHECKPOINTS.values():
+        available = checkpoint_available(info.model_id, settings.model_cache_dir)
+        print(
+            json.dumps(
+                {
+                    "model": info.model_id,
+                    "architecture": info.architecture,
+                    "image_size": info.image_size,
+                    "patch_size": info.patch_size,
+                    "embed_dim": info.embed_dim,
+                    "available_locally": available,
+                    "note": info.note,
+                }
+            )
+        )
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from moderator.testing import build_clip_checkpoint
+
+    out = build_clip_checkpoint(args.dir, args.arch, seed=args.seed)
+    print(json.dumps({"dir": str(out), "architecture": args.arch, "seed": args.seed, "random_init": True}))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moderator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     stack.register_cli(sub)
+
+    p = sub.add_parser(
+        "classify", help="zero-shot scores (or policy decisions) for image files, one JSON line each"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
+    p.add_argument("--label", action="append", default=[], help="a candidate label; repeat for more")
+    p.add_argument("--template", default=PIPELINE_TEMPLATE, help="prompt template ({} = the label)")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("models", help="the supported checkpoints and whether each is available locally")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "random-checkpoint", help="write a randomly initialized CLIP checkpoint (tests, demos)"
+    )
+    p.add_argument("dir")
+    p.add_argument("--arch", default="tiny", help="tiny | ViT-B/32 | ViT-B/16 | ViT-L/14")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_random_checkpoint)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"moderator: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from moderator.clip import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):
+            print(f"moderator: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -162,5 +162,7 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
             var = ENV_PREFIX + loc[0].upper() if loc else "(settings)"
-            lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
+            secret = any(w in var for w in ("PASSWORD", "URL", "SECRET"))
+            got = "" if secret or not loc else f" (got {err.get('input')!r})"
+            lines.append(f"  {var}: {err['msg']}{got}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

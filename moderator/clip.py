@@ -1,0 +1,350 @@
+"""The CLIP engine: load a checkpoint, encode images and texts into L2-normalized embeddings.
+
+One small wrapper around ``transformers.CLIPModel`` (open_clip's shape: ``encode_image`` /
+``encode_text``, normalization explicit):
+
+- images arrive as a ``uint8 [B, H, W, 3]`` batch already resized and cropped (``images.py``); they
+  move to the device as uint8 (pinned memory, non-blocking on CUDA) and are rescaled and
+  normalized there with the checkpoint's mean and std;
+- the image tower runs in the configured dtype (fp16/bf16 on CUDA, fp32 on CPU); the text tower
+  always runs in fp32: it only runs when a policy is compiled, and fp32 text embeddings make the
+  shared cache independent of the image tower's precision;
+- every result is tagged with the model fingerprint: checkpoint id plus the resolved commit, or a
+  hash of the weights for a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, CLIPModel
+
+from moderator.images import PreprocessSpec
+from moderator.observability import IMAGES_ENCODED, TEXTS_ENCODED, get_logger
+from moderator.testing import is_random_init
+
+log = get_logger(__name__)
+
+
+class ModelLoadError(Exception):
+    """The checkpoint cannot be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    model_id: str
+    architecture: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    note: str
+
+
+# The checkpoints this product supports. Loading one of them checks its config against this table.
+SUPPORTED_CHECKPOINTS: dict[str, CheckpointInfo] = {
+    c.model_id: c
+    for c in (
+        CheckpointInfo("openai/clip-vit-base-patch32", "ViT-B/32", 224, 32, 512, "fastest; the default"),
+        CheckpointInfo(
+            "openai/clip-vit-base-patch16", "ViT-B/16", 224, 16, 512, "finer detail, ~4x B/32 cost"
+        ),
+        CheckpointInfo(
+            "openai/clip-vit-large-patch14", "ViT-L/14", 224, 14, 768, "most accurate; GPU for throughput"
+        ),
+        CheckpointInfo(
+            "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+            "ViT-B/16",
+            224,
+            16,
+            512,
+            "OpenCLIP, LAION-2B, MIT license",
+        ),
+    )
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} requested but CUDA is not available; set MODERATOR_DEVICE=cpu"
+        )
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _hash_weights(model_dir: Path) -> str:
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _resolved_commit(
+    model_id: str, revision: str | None, local_files_only: bool, cache_dir: Path | None
+) -> str:
+    """The commit hash a hub load resolved to, read off the snapshot path of its config."""
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        model_id, "config.json", revision=revision, local_files_only=local_files_only, cache_dir=cache_dir
+    )
+    match = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", str(path or ""))
+    return match.group(1) if match else (revision or "unknown")
+
+
+def _load_error(
+    model_id: str, revision: str | None, local_files_only: bool, exc: Exception
+) -> ModelLoadError:
+    rev = revision or "main"
+    lines = [
+        f"cannot load CLIP checkpoint {model_id!r} (revision {rev}, "
+        f"{'local files only' if local_files_only else 'hub allowed'}): {type(exc).__name__}: {exc}",
+        "Tried: a local directory of that name, then the Hugging Face cache"
+        + ("" if local_files_only else ", then the hub")
+        + ".",
+        "To fix it, either:",
+        f"  - download it where the hub is reachable: hf download {model_id}"
+        + (f" --revision {revision}" if revision else "")
+        + " (then copy the cache, or set HF_HOME), or",
+        "  - point MODERATOR_MODEL_ID at a local directory holding config.json, the weights and the"
+        " processor files (as written by save_pretrained), or",
+        "  - for a demo or test without weights: moderator random-checkpoint DIR --arch ViT-B/32,"
+        " then MODERATOR_MODEL_ID=DIR.",
+    ]
+    return ModelLoadError("\n".join(lines))
+
+
+class ClipEngine:
+    """A loaded CLIP checkpoint: ``encode_images`` and ``encode_texts`` return L2-normalized float32."""
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        processor: object,
+        *,
+        model_id: str,
+        fingerprint: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+        self.image_processor = processor.image_processor  # type: ignore[attr-defined]
+        self.spec = PreprocessSpec.from_image_processor(self.image_processor)
+        self.model_id = model_id
+        self.fingerprint = fingerprint
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.embed_dim = int(model.config.projection_dim)
+        self.logit_scale = float(model.logit_scale.detach().float().exp().item())
+        self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        # Rescale and normalize folded into one affine map: x * scale + shift, per channel.
+        std = torch.tensor(self.spec.std, dtype=torch.float32)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32)
+        self._scale = (self.spec.rescale_factor / std).view(1, 3, 1, 1).to(device)
+        self._shift = (-mean / std).view(1, 3, 1, 1).to(device)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model_id: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        local_files_only: bool = False,
+        cache_dir: Path | None = None,
+        max_batch_size: int = 64,
+        warm_up: bool = True,
+    ) -> ClipEngine:
+        """Load any Hugging Face CLIP checkpoint by hub id or local directory."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        local_dir = Path(model_id).expanduser()
+        is_local = local_dir.is_dir()
+        t0 = time.perf_counter()
+        kwargs: dict[str, object] = {}
+        if not is_local:
+            kwargs = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
+        try:
+            model = CLIPModel.from_pretrained(
+                str(local_dir) if is_local else model_id, dtype=torch.float32, **kwargs
+            )
+            processor = AutoProcessor.from_pretrained(str(local_dir) if is_local else model_id, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise _load_error(model_id, revision, local_files_only, exc) from None
+        if type(model).__name__ != "CLIPModel":
+            raise ModelLoadError(f"{model_id!r} is not a CLIP checkpoint ({type(model).__name__})")
+        _check_registry(model_id, model)
+
+        if is_local:
+            marker = is_random_init(local_dir)
+            digest = _hash_weights(local_dir)
+            if marker:
+                fingerprint = f"random-init:{marker.get('architecture')}@sha256:{digest}"
+            else:
+                fingerprint = f"local:{local_dir.resolve().name}@sha256:{digest}"
+        else:
+            commit = _resolved_commit(model_id, revision, local_files_only, cache_dir)
+            fingerprint = f"{model_id}@{commit}"
+
+        model.eval().requires_grad_(False).to(dev)
+        model.vision_model.to(dt)
+        model.visual_projection.to(dt)
+        engine = cls(
+            model,
+            processor,
+            model_id=model_id,
+            fingerprint=fingerprint,
+            device=dev,
+            dtype=dt,
+            max_batch_size=max_batch_size,
+        )
+        if warm_up:
+            engine.warm_up()
+        log.info(
+            "model_loaded",
+            model=fingerprint,
+            device=str(dev),
+            dtype=str(dt).removeprefix("torch."),
+            seconds=round(time.perf_counter() - t0, 2),
+            embed_dim=engine.embed_dim,
+            input_size=list(engine.spec.output_hw),
+        )
+        return engine
+
+    @classmethod
+    def from_settings(cls, settings: object) -> ClipEngine:
+        s = settings
+        return cls.load(
+            s.model_id,  # type: ignore[attr-defined]
+            revision=s.model_revision,  # type: ignore[attr-defined]
+            device=s.device,  # type: ignore[attr-defined]
+            dtype=s.dtype,  # type: ignore[attr-defined]
+            local_files_only=s.model_local_files_only,  # type: ignore[attr-defined]
+            cache_dir=s.model_cache_dir,  # type: ignore[attr-defined]
+            max_batch_size=s.max_batch_size,  # type: ignore[attr-defined]
+        )
+
+    def warm_up(self) -> None:
+        h, w = self.spec.output_hw
+        self.encode_images(np.zeros((1, h, w, 3), dtype=np.uint8))
+        self.encode_texts(["warm-up"])
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def pixel_values(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` (host) to normalized float32 ``[B, 3, H, W]`` on the device."""
+        if isinstance(batch, np.ndarray):
+            x = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
+        else:
+            x = batch
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected a uint8 [B, H, W, 3] batch, got {tuple(x.shape)} {x.dtype}")
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()
+        return x * self._scale + self._shift
+
+    @torch.inference_mode()
+    def encode_images(self, batch: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """Preprocessed uint8 images to L2-normalized float32 embeddings ``[B, D]`` on the device."""
+        arr = batch if isinstance(batch, np.ndarray) else np.stack(list(batch))
+        out = []
+        for i in range(0, len(arr), self.max_batch_size):
+            pixels = self.pixel_values(arr[i : i + self.max_batch_size]).to(self.dtype)
+            feats = self.model.get_image_features(pixel_values=pixels).pooler_output
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+        IMAGES_ENCODED.inc(len(arr))
+        if not out:
+            return torch.empty((0, self.embed_dim), device=self.device)
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts to L2-normalized float32 embeddings ``[N, D]`` on the device (uncached)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            feats = self.model.get_text_features(
+                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+            ).pooler_output
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+        TEXTS_ENCODED.inc(len(texts))
+        if not out:
+            return torch.empty((0, self.embed_dim), device=self.device)
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def zero_shot_probs(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """softmax(logit_scale · cos) over the candidate texts, as the reference pipeline computes it."""
+    logits = logit_scale * (image_embeds.float() @ text_embeds.float().T)
+    return logits.softmax(dim=-1)
+
+
+def _check_registry(model_id: str, model: CLIPModel) -> None:
+    info = SUPPORTED_CHECKPOINTS.get(model_id)
+    if info is None:
+        return
+    vc = model.config.vision_config
+    got = (int(vc.image_size), int(vc.patch_size), int(model.config.projection_dim))
+    want = (info.image_size, info.patch_size, info.embed_dim)
+    if got != want:
+        raise ModelLoadError(
+            f"{model_id} loaded with image_size/patch_size/embed_dim {got}, expected {want}: "
+            "the files under that name are not that checkpoint"
+        )
+
+
+def checkpoint_available(model_id: str, cache_dir: Path | None = None) -> bool:
+    """Whether a checkpoint can be loaded without the network (local dir or complete hub cache)."""
+    if Path(model_id).expanduser().is_dir():
+        return (Path(model_id).expanduser() / "config.json").is_file()
+    from transformers.utils import cached_file
+
+    try:
+        for name in ("config.json",):
+            if cached_file(model_id, name, local_files_only=True, cache_dir=cache_dir) is None:
+                return False
+        return any(
+            cached_file(
+                model_id,
+                w,
+                local_files_only=True,
+                cache_dir=cache_dir,
+                _raise_exceptions_for_missing_entries=False,
+            )
+            for w in ("model.safetensors", "pytorch_model.bin")
+        )
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,248 @@
+"""Image bytes to model input: decode with limits, then resize and center-crop as uint8.
+
+The output of :func:`load_image` is a ``uint8`` array ``[H, W, 3]`` at the checkpoint's crop size.
+Rescaling and normalization happen later, on the device, on the whole batch (see ``clip.py``).
+
+Fidelity: decoding follows ``transformers.image_utils.load_image`` (EXIF orientation applied, then
+``convert("RGB")``: alpha is dropped, palette/CMYK/LA/L become RGB, an animated image gives its first
+frame), and resizing follows the checkpoint's image processor (shortest edge, Pillow resampling,
+center crop with the same offsets and zero padding; a transparent colour key is composited onto
+white, as the processor's ``convert_to_rgb`` does). One deliberate difference: 16-bit greyscale is
+scaled to 8 bits (``>> 8``). Pillow's own ``convert("RGB")`` clips it at 255, which turns almost
+every 16-bit image white, and a moderation service must not be blind to a class of inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from moderator.observability import IMAGE_ERRORS
+
+
+class ImageError(Exception):
+    """An input that cannot become model input. ``reason`` is a stable, machine-readable code."""
+
+    reason = "bad_image"
+
+
+class NotAnImage(ImageError):
+    reason = "not_an_image"
+
+
+class UnsupportedFormat(ImageError):
+    reason = "unsupported_format"
+
+
+class ImageTooLarge(ImageError):
+    reason = "image_too_large"
+
+
+class TruncatedImage(ImageError):
+    reason = "truncated_image"
+
+
+class CorruptImage(ImageError):
+    reason = "corrupt_image"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+    # JPEG DCT-domain downscaling while decoding (Pillow's draft mode) for images at least twice
+    # the resize target: much faster for large photos, slightly different pixels (see README).
+    jpeg_draft: bool = False
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The geometric part of a checkpoint's image processor, plus its normalization constants."""
+
+    shortest_edge: int | None  # resize so that the short side is this long (aspect kept) ...
+    resize_hw: tuple[int, int] | None  # ... or to exactly (height, width); neither: no resize
+    crop_hw: tuple[int, int] | None  # center crop, or None
+    resample: int  # a PIL.Image.Resampling value
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        if self.crop_hw is not None:
+            return self.crop_hw
+        if self.resize_hw is not None:
+            return self.resize_hw
+        raise ValueError("image processor has neither a crop size nor a fixed resize size")
+
+    @classmethod
+    def from_image_processor(cls, proc: object) -> PreprocessSpec:
+        """Read the spec off a ``transformers`` CLIP image processor (PIL or torchvision backend)."""
+        size = dict(getattr(proc, "size", None) or {})
+        crop = dict(getattr(proc, "crop_size", None) or {})
+        do_resize = bool(getattr(proc, "do_resize", True))
+        shortest = size.get("shortest_edge") if do_resize else None
+        resize_hw = None
+        if do_resize and shortest is None and size.get("height") and size.get("width"):
+            resize_hw = (int(size["height"]), int(size["width"]))
+        if size.get("longest_edge") or size.get("max_height"):
+            raise ValueError(f"unsupported image processor size rule: {size}")
+        crop_hw = None
+        if getattr(proc, "do_center_crop", False) and crop:
+            crop_hw = (int(crop["height"]), int(crop["width"]))
+        resample = getattr(proc, "resample", Image.Resampling.BICUBIC)
+        if not isinstance(resample, int):  # torchvision InterpolationMode
+            resample = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}.get(
+                str(getattr(resample, "value", resample)).lower(), 3
+            )
+        mean = tuple(float(x) for x in (proc.image_mean if proc.do_normalize else (0.0, 0.0, 0.0)))  # type: ignore[attr-defined]
+        std = tuple(float(x) for x in (proc.image_std if proc.do_normalize else (1.0, 1.0, 1.0)))  # type: ignore[attr-defined]
+        rescale = float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 1.0  # type: ignore[attr-defined]
+        return cls(
+            shortest_edge=int(shortest) if shortest else None,
+            resize_hw=resize_hw,
+            crop_hw=crop_hw,
+            resample=int(resample),
+            rescale_factor=rescale,
+            mean=mean,  # type: ignore[arg-type]
+            std=std,  # type: ignore[arg-type]
+        )
+
+    def resize_target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize step, with the image processor's integer rounding."""
+        if self.resize_hw is not None:
+            return self.resize_hw[1], self.resize_hw[0]
+        if self.shortest_edge is None:
+            return width, height
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None) -> Image.Image:
+    """Bytes to one RGB frame, or a typed :class:`ImageError`. Checks sizes before decoding pixels."""
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    if not data:
+        raise NotAnImage("empty input")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise NotAnImage("not a recognized image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except Exception as exc:
+        raise _decode_error(exc, data, "cannot read image header") from None
+    if img.format not in limits.formats:
+        raise UnsupportedFormat(f"format {img.format} is not allowed (allowed: {', '.join(limits.formats)})")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise CorruptImage(f"invalid dimensions {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
+        )
+    try:
+        if limits.jpeg_draft and img.format == "JPEG" and spec is not None:
+            tw, th = spec.resize_target(width, height)
+            if width >= 2 * tw and height >= 2 * th:
+                img.draft("RGB", (tw, th))
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except Exception as exc:
+        raise _decode_error(exc, data, "cannot decode image") from None
+
+
+# End-of-image markers: a file that fails to decode and lacks its trailer was cut short.
+_TRAILERS = {b"\xff\xd8": b"\xff\xd9", b"\x89PNG": b"IEND\xaeB`\x82", b"GIF8": b";"}
+
+
+def _decode_error(exc: Exception, data: bytes, what: str) -> ImageError:
+    detail = f"{what}: {type(exc).__name__}: {exc}"
+    if "truncat" in str(exc).lower():
+        return TruncatedImage(detail)
+    for magic, trailer in _TRAILERS.items():
+        if data.startswith(magic) and not data.rstrip(b"\0").endswith(trailer):
+            return TruncatedImage(detail + " (the file ends before its end-of-image marker)")
+    return CorruptImage(detail)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        arr = np.asarray(img).astype(np.uint32)
+        return Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    rgb = img.convert("RGB")
+    if rgb.info.get("transparency") is not None:
+        # A palette or RGB image with a transparent colour key: the image processor composites it
+        # onto white (its convert_to_rgb), so the transparent colour becomes white.
+        white = Image.new("RGBA", rgb.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgb.convert("RGBA")).convert("RGB")
+    return rgb
+
+
+def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image to ``uint8 [H, W, 3]`` at the crop size, exactly as the image processor crops."""
+    width, height = img.size
+    tw, th = spec.resize_target(width, height)
+    if (tw, th) != (width, height):
+        img = img.resize((tw, th), resample=spec.resample)
+    arr = np.asarray(img)
+    if spec.crop_hw is None:
+        return np.ascontiguousarray(arr)
+    ch, cw = spec.crop_hw
+    top, left = (th - ch) // 2, (tw - cw) // 2
+    if top >= 0 and left >= 0:
+        return np.ascontiguousarray(arr[top : top + ch, left : left + cw])
+    # Smaller than the crop: pad with zeros around the center, then crop (the processor's rule).
+    nh, nw = max(ch, th), max(cw, tw)
+    top_pad, left_pad = math.ceil((nh - th) / 2), math.ceil((nw - tw) / 2)
+    canvas = np.zeros((nh, nw, 3), dtype=np.uint8)
+    canvas[top_pad : top_pad + th, left_pad : left_pad + tw] = arr
+    top, left = top + top_pad, left + left_pad
+    return np.ascontiguousarray(canvas[max(0, top) : top + ch, max(0, left) : left + cw])
+
+
+def load_image(data: bytes, limits: ImageLimits, spec: PreprocessSpec) -> np.ndarray:
+    """Bytes to model-ready ``uint8 [H, W, 3]``; raises :class:`ImageError` (and counts it)."""
+    try:
+        return preprocess(decode(data, limits, spec), spec)
+    except ImageError as exc:
+        IMAGE_ERRORS.labels(reason=exc.reason).inc()
+        raise
+
+
+class ImageLoader:
+    """Decodes and preprocesses on a thread pool (Pillow releases the GIL while it works)."""
+
+    def __init__(self, limits: ImageLimits, spec: PreprocessSpec, threads: int = 4) -> None:
+        self.limits = limits
+        self.spec = spec
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    def load_one(self, data: bytes) -> np.ndarray | ImageError:
+        try:
+            return load_image(data, self.limits, self.spec)
+        except ImageError as exc:
+            return exc
+
+    def load_many(self, items: Sequence[bytes]) -> list[np.ndarray | ImageError]:
+        """One result per input, in order: an array, or the typed error for that input."""
+        if len(items) <= 1:
+            return [self.load_one(d) for d in items]
+        return list(self._pool.map(self.load_one, items))
+
+    def submit(self, data: bytes):  # type: ignore[no-untyped-def]
+        """Start one load on the pool; the future's result is an array or an :class:`ImageError`."""
+        return self._pool.submit(self.load_one, data)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,202 @@
+"""Logs, metrics and health endpoints.
+
+- Logs: structlog, JSON lines (one object per line, ``event`` plus key/values) or, on a TTY, the
+  console renderer. Call :func:`configure_logging` once at start-up.
+- Metrics: every Prometheus metric of the process is registered here, in one place, on
+  :data:`REGISTRY`.
+- HTTP: :class:`HealthServer` serves ``/metrics``, ``/healthz`` (the process is alive) and
+  ``/readyz`` (every readiness check passes) from a daemon thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+
+class _StderrLogger:
+    """Writes each line to the *current* ``sys.stderr`` (which tests and daemons may swap)."""
+
+    def __init__(self, *args: Any) -> None:
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
+    """Route structlog (and the standard library's logging) to stderr as JSON lines or console text."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    numeric = logging.getLevelName(level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=_StderrLogger,
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (kafka-python, transformers) log through the standard library: keep them quiet
+    # unless they warn, and on the same stream.
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics: one registry, every metric declared here.
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Text-embedding cache (embedding_cache.py)
+TEXT_CACHE_HITS = Counter(
+    "moderator_text_cache_hits_total", "Text embeddings served from a cache", ["layer"], registry=REGISTRY
+)
+TEXT_CACHE_MISSES = Counter(
+    "moderator_text_cache_misses_total", "Text embeddings found in no cache", registry=REGISTRY
+)
+TEXT_CACHE_REDIS_ERRORS = Counter(
+    "moderator_text_cache_redis_errors_total",
+    "Redis errors and timeouts (the cache fails open)",
+    registry=REGISTRY,
+)
+TEXT_CACHE_REJECTED = Counter(
+    "moderator_text_cache_rejected_total",
+    "Cached values ignored because of a wrong dtype, shape or format",
+    registry=REGISTRY,
+)
+TEXTS_ENCODED = Counter(
+    "moderator_texts_encoded_total", "Texts run through the text tower", registry=REGISTRY
+)
+
+# Engine (clip.py, images.py)
+IMAGES_ENCODED = Counter(
+    "moderator_images_encoded_total", "Images run through the image tower", registry=REGISTRY
+)
+IMAGE_ERRORS = Counter(
+    "moderator_image_errors_total",
+    "Images rejected before the model, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "moderator_stage_seconds",
+    "Time spent per batch in each stage",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+
+# Policies (policy.py)
+POLICY_RELOADS = Counter(
+    "moderator_policy_reloads_total",
+    "Policy file loads after start-up, by result",
+    ["result"],
+    registry=REGISTRY,
+)
+
+READY = Gauge("moderator_ready", "1 when every readiness check passes", registry=REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP: /metrics, /healthz, /readyz
+
+ReadinessCheck = Callable[[], bool]
+
+
+class HealthServer:
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread.
+
+    ``/readyz`` answers 200 when every registered check returns True, else 503 with the failing
+    check names in a JSON body.
+    """
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 8080) -> None:
+        self._checks: dict[str, ReadinessCheck] = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status": "ok"}\n', "application/json")
+                elif path == "/readyz":
+                    failing = server.failing_checks()
+                    READY.set(0 if failing else 1)
+                    body = {"status": "ready" if not failing else "not ready", "failing": failing}
+                    self._send(
+                        200 if not failing else 503, json.dumps(body).encode() + b"\n", "application/json"
+                    )
+                else:
+                    self._send(404, b'{"status": "not found"}\n', "application/json")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # silence per-request lines
+                return
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="health-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def add_check(self, name: str, check: ReadinessCheck) -> None:
+        self._checks[name] = check
+
+    def failing_checks(self) -> list[str]:
+        failing = []
+        for name, check in list(self._checks.items()):
+            try:
+                ok = bool(check())
+            except Exception:
+                ok = False
+            if not ok:
+                failing.append(name)
+        return failing
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

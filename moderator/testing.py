@@ -1,0 +1,283 @@
+"""A tiny, randomly initialized CLIP checkpoint for tests, demos and benchmarks.
+
+Model weights cannot be downloaded everywhere moderator is tested, so the tests build a real
+``transformers`` CLIP checkpoint with tiny dimensions (or any named architecture with random
+weights), save it with ``save_pretrained`` and load it back through exactly the production loading
+path. Everything is deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+# Marker written next to the weights: a checkpoint made here is random, and every result says so.
+RANDOM_INIT_MARKER = "moderator_random_init.json"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to one printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with no merges: every character is a token (519 ids in all).
+
+    Real CLIP vocabularies put ``<|startoftext|>`` and ``<|endoftext|>`` last (49406, 49407); this
+    one does too, so both pooling rules of ``CLIPTextTransformer`` (argmax of ids, or the first eos)
+    pick the same position.
+    """
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+# Architectures by name: (vision: hidden, layers, heads, mlp, patch, image size;
+#                          text: hidden, layers, heads, mlp; projection dim)
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        v_hidden=32,
+        v_layers=2,
+        v_heads=4,
+        v_mlp=64,
+        patch=8,
+        image=32,
+        t_hidden=32,
+        t_layers=2,
+        t_heads=4,
+        t_mlp=64,
+        proj=16,
+    ),
+    "ViT-B/32": dict(
+        v_hidden=768,
+        v_layers=12,
+        v_heads=12,
+        v_mlp=3072,
+        patch=32,
+        image=224,
+        t_hidden=512,
+        t_layers=12,
+        t_heads=8,
+        t_mlp=2048,
+        proj=512,
+    ),
+    "ViT-B/16": dict(
+        v_hidden=768,
+        v_layers=12,
+        v_heads=12,
+        v_mlp=3072,
+        patch=16,
+        image=224,
+        t_hidden=512,
+        t_layers=12,
+        t_heads=8,
+        t_mlp=2048,
+        proj=512,
+    ),
+    "ViT-L/14": dict(
+        v_hidden=1024,
+        v_layers=24,
+        v_heads=16,
+        v_mlp=4096,
+        patch=14,
+        image=224,
+        t_hidden=768,
+        t_layers=12,
+        t_heads=12,
+        t_mlp=3072,
+        proj=768,
+    ),
+}
+
+
+def build_clip_checkpoint(
+    out_dir: str | Path,
+    architecture: str = "tiny",
+    seed: int = 0,
+    *,
+    crop_size: int | None = None,
+    shortest_edge: int | None = None,
+    image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),  # type: ignore[assignment]
+    image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),  # type: ignore[assignment]
+) -> Path:
+    """Write a randomly initialized CLIP checkpoint (model, tokenizer, image processor) to ``out_dir``.
+
+    ``crop_size`` defaults to the architecture's image size; ``shortest_edge`` to ``crop_size``.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    a = ARCHITECTURES[architecture]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    vocab_size = len(tokenizer.get_vocab())
+    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=a["t_hidden"],
+            intermediate_size=a["t_mlp"],
+            num_hidden_layers=a["t_layers"],
+            num_attention_heads=a["t_heads"],
+            max_position_embeddings=77,
+            projection_dim=a["proj"],
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=a["v_hidden"],
+            intermediate_size=a["v_mlp"],
+            num_hidden_layers=a["v_layers"],
+            num_attention_heads=a["v_heads"],
+            image_size=a["image"],
+            patch_size=a["patch"],
+            projection_dim=a["proj"],
+        ),
+        projection_dim=a["proj"],
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    crop = crop_size or a["image"]
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": shortest_edge or crop},
+        crop_size={"height": crop, "width": crop},
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / RANDOM_INIT_MARKER).write_text(json.dumps({"architecture": architecture, "seed": seed}) + "\n")
+    return out
+
+
+def is_random_init(model_dir: str | Path) -> dict[str, object] | None:
+    """The marker of a checkpoint built here, or None for a real one."""
+    marker = Path(model_dir) / RANDOM_INIT_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())  # type: ignore[no-any-return]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Images: photo-like content (smooth gradients, shapes, texture, sensor noise) so that JPEG sizes and
+# decode costs resemble real photos rather than flat colour or white noise.
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic photo-like ``uint8 [H, W, 3]`` image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy /= max(height - 1, 1)
+    xx /= max(width - 1, 1)
+    img = np.zeros((height, width, 3), dtype=np.float32)
+    for c in range(3):  # a smooth background: a few low-frequency waves per channel
+        for _ in range(3):
+            fx, fy, ph = rng.uniform(0.3, 3.0), rng.uniform(0.3, 3.0), rng.uniform(0, 6.28)
+            img[..., c] += np.sin(fx * 6.28 * xx + fy * 6.28 * yy + ph) * rng.uniform(20, 50)
+        img[..., c] += rng.uniform(60, 190)
+    for _ in range(int(rng.integers(4, 12))):  # objects: ellipses with their own colour and texture
+        cx, cy = rng.uniform(0, 1), rng.uniform(0, 1)
+        rx, ry = rng.uniform(0.05, 0.3), rng.uniform(0.05, 0.3)
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        colour = rng.uniform(0, 255, size=3)
+        texture = np.sin(xx * rng.uniform(20, 120)) * np.cos(yy * rng.uniform(20, 120)) * rng.uniform(5, 25)
+        img[mask] = colour + texture[mask][:, None]
+    img += rng.normal(0, 4, size=img.shape)  # sensor noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _exif_rotated(arr: np.ndarray, orientation: int) -> bytes:
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def varied_images(seed: int = 0) -> dict[str, bytes]:
+    """A corpus of encoded images covering sizes, aspect ratios, modes and formats (name → bytes).
+
+    Names end in the file suffix. Sizes run from 1x1 to beyond 2000 px, with extreme aspect
+    ratios; modes RGB, RGBA, LA, L, P (with and without transparency), CMYK, 16-bit greyscale;
+    EXIF orientations 2..8; an animated GIF; JPEG, PNG, WEBP and GIF.
+    """
+    out: dict[str, bytes] = {}
+    sizes = [
+        (1, 1),
+        (3, 5),
+        (17, 9),
+        (32, 32),
+        (64, 48),
+        (224, 224),
+        (225, 223),
+        (300, 200),
+        (640, 480),
+        (480, 640),
+        (1000, 20),
+        (20, 1000),
+        (1280, 720),
+        (2048, 1536),
+        (2100, 900),
+    ]
+    for i, (w, h) in enumerate(sizes):
+        out[f"rgb_{w}x{h}.jpg"] = jpeg_bytes(photo_like(w, h, seed + i), quality=80 + i % 15)
+    for i, (w, h) in enumerate([(64, 64), (333, 222), (640, 480), (90, 400)]):
+        base = photo_like(w, h, seed + 100 + i)
+        alpha = (np.linspace(0, 255, w * h).reshape(h, w)).astype(np.uint8)
+        rgba = np.dstack([base, alpha])
+        out[f"rgba_{w}x{h}.png"] = _save(Image.fromarray(rgba, "RGBA"), "PNG")
+        out[f"la_{w}x{h}.png"] = _save(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG")
+        out[f"l_{w}x{h}.jpg"] = _save(Image.fromarray(base[..., 1], "L"), "JPEG", quality=88)
+        out[f"l_{w}x{h}.png"] = _save(Image.fromarray(base[..., 2], "L"), "PNG")
+        pal = Image.fromarray(base).quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        out[f"p_{w}x{h}.png"] = _save(pal, "PNG")
+        out[f"p_transparent_{w}x{h}.png"] = _save(pal, "PNG", transparency=0)
+        out[f"p_{w}x{h}.gif"] = _save(pal, "GIF")
+        out[f"cmyk_{w}x{h}.jpg"] = _save(Image.fromarray(base).convert("CMYK"), "JPEG", quality=90)
+        sixteen = (base[..., 0].astype(np.uint16) * 257 + np.uint16(i * 13)).astype(np.uint16)
+        out[f"gray16_{w}x{h}.png"] = _save(Image.fromarray(sixteen), "PNG")
+        out[f"rgb_{w}x{h}.webp"] = _save(Image.fromarray(base), "WEBP", quality=80)
+    for orientation in range(2, 9):
+        out[f"exif_orientation{orientation}.jpg"] = _exif_rotated(
+            photo_like(320, 200, seed + orientation), orientation
+        )
+    frames = [Image.fromarray(photo_like(120, 90, seed + 200 + k)).quantize(colors=32) for k in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    out["animated.gif"] = buf.getvalue()
+    return out

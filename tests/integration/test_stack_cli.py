@@ -1,0 +1,129 @@
+"""``moderator stack up|status|down`` as a user runs it: separate processes, servers outliving ``up``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from moderator.config import Settings
+from moderator.stack import parse_env_file, pid_alive, read_state, stop_stack
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moderator.cli", "stack", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _server_processes(needles: list[str]) -> list[str]:
+    """Command lines of java / redis-server processes mentioning any of ``needles``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z" or not ("java" in cmdline or "redis-server" in cmdline):
+            continue
+        if any(n in cmdline for n in needles):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+@pytest.fixture
+def tools_present() -> None:
+    external = os.environ.get("MODERATOR_TEST_KAFKA") or os.environ.get("MODERATOR_TEST_REDIS")
+    missing = [t for t in ("java", "redis-server") if shutil.which(t) is None]
+    if missing and external:
+        pytest.skip(f"external services configured and {missing} not installed")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "stack"
+    yield path
+    stop_stack(path)  # a safety net only: `stack down` must already have stopped everything
+
+
+def test_up_status_down(tmp_path: Path, data_dir: Path, tools_present: None) -> None:
+    env_file = tmp_path / "stack.env"
+    up = _cli(
+        "up",
+        "--dir",
+        str(data_dir),
+        "--partitions",
+        "2",
+        "--topics",
+        "alpha",
+        "beta,gamma",
+        "--env-file",
+        str(env_file),
+    )
+    state = read_state(data_dir)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert state is not None
+        pids = {p["name"]: (p["pid"], p["start_time"]) for p in state["processes"]}
+        assert set(pids) == {"redis", "zookeeper", "kafka"}
+        assert all(pid_alive(pid, start) for pid, start in pids.values())  # they outlived `up`
+
+        status = _cli("status", "--dir", str(data_dir), timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        report = json.loads(status.stdout)
+        assert report["up"] is True
+        assert all(p["alive"] for p in report["processes"].values())
+        assert report["kafka"]["reachable"] and report["redis"]["reachable"]
+        assert report["kafka"]["topics"] == {"alpha": 2, "beta": 2, "gamma": 2}
+        assert set(report["ports"]) == {"kafka", "zookeeper", "redis"}
+
+        env = parse_env_file(env_file.read_text())
+        port = report["ports"]["kafka"]
+        assert env["MODERATOR_KAFKA_BOOTSTRAP_SERVERS"] == f"127.0.0.1:{port}"
+        assert env["MODERATOR_KAFKA_API_VERSION"] == "0.9"
+        assert env["MODERATOR_REDIS_URL"] == f"redis://127.0.0.1:{report['ports']['redis']}/0"
+        settings = Settings(
+            kafka_bootstrap_servers=env["MODERATOR_KAFKA_BOOTSTRAP_SERVERS"],
+            kafka_api_version=env["MODERATOR_KAFKA_API_VERSION"],
+            redis_url=env["MODERATOR_REDIS_URL"],
+        )
+        import redis
+        from kafka import KafkaAdminClient
+
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        admin = KafkaAdminClient(**settings.kafka_common())
+        try:
+            assert {"alpha", "beta", "gamma"} <= set(admin.list_topics())
+        finally:
+            admin.close()
+    finally:
+        down = _cli("down", "--dir", str(data_dir), timeout=60)
+
+    assert down.returncode == 0, down.stderr
+    assert not any(pid_alive(pid, start) for pid, start in pids.values())
+    assert _server_processes([str(data_dir), f"127.0.0.1:{report['ports']['redis']}"]) == []
+    assert read_state(data_dir) is None
+    assert not env_file.exists()  # down removes the env file it wrote
+
+    after = _cli("status", "--dir", str(data_dir), timeout=60)
+    assert after.returncode == 1
+    assert json.loads(after.stdout)["up"] is False
