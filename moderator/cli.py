@@ -33,13 +33,19 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from moderator.images import ImageError, ImageLimits, ImageLoader
 
     settings = _settings(args)
-    if not args.label:
-        print("classify needs at least one --label", file=sys.stderr)
+    if bool(args.label) == bool(args.policy):
+        print("classify needs either --label (one or more) or --policy FILE", file=sys.stderr)
         return 2
     engine = ClipEngine.from_settings(settings)
     encoder = TextEncoder(engine, cache_from_settings(settings, engine))
-    prompts = [args.template.replace("{}", label) if "{}" in args.template else label for label in args.label]
-    text = torch.from_numpy(encoder.encode(prompts)).to(engine.device)
+    policy = None
+    if args.policy:
+        from moderator.policy import compile_policy, load_spec
+
+        policy = compile_policy(load_spec(Path(args.policy)), encoder, args.policy)
+    else:
+        prompts = [args.template.replace("{}", lb) if "{}" in args.template else lb for lb in args.label]
+        text = torch.from_numpy(encoder.encode(prompts)).to(engine.device)
     limits = ImageLimits(
         max_bytes=settings.image_max_bytes,
         max_pixels=settings.image_max_pixels,
@@ -59,13 +65,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 except OSError:
                     datas.append(None)
             results = loader.load_many([d if d is not None else b"" for d in datas])
-            good = [
-                i for i, r in enumerate(results) if not isinstance(r, ImageError) and datas[i] is not None
-            ]
-            probs = None
+            good = [i for i, r in enumerate(results) if not isinstance(r, ImageError) and datas[i] is not None]
+            rows: list = []
             if good:
                 embs = engine.encode_images(np.stack([results[i] for i in good]))  # type: ignore[misc]
-                probs = zero_shot_probs(embs, text, engine.logit_scale).cpu().tolist()
+                if policy is not None:
+                    rows = policy.decisions(embs)
+                else:
+                    rows = zero_shot_probs(embs, text, engine.logit_scale).cpu().tolist()
             row_of = {i: n for n, i in enumerate(good)}
             for i, p in enumerate(chunk):
                 res = results[i]
@@ -73,15 +80,85 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     out = {"image": p, "error": "unreadable_file", "message": f"cannot read {p}"}
                 elif isinstance(res, ImageError):
                     out = {"image": p, "error": res.reason, "message": str(res)}
+                elif policy is not None:
+                    out = {"image": p, **rows[row_of[i]].model_dump(mode="json")}
                 else:
-                    row = probs[row_of[i]]  # type: ignore[index]
-                    scores = dict(zip(args.label, row, strict=True))
+                    scores = dict(zip(args.label, rows[row_of[i]], strict=True))
                     out = {"image": p, "scores": scores, "model": engine.fingerprint}
                 if "error" in out:
                     failed += 1
                 print(json.dumps(out), flush=True)
     finally:
         loader.close()
+    return 1 if failed else 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from moderator.policy import PolicyError, load_spec, policy_files
+
+    paths = [Path(p) for p in (args.paths or [str(load_settings().policy_dir)])]
+    missing = [p for p in paths if not p.exists()]
+    files = policy_files([p for p in paths if p.exists()])
+    failed = bool(missing) or not files
+    for p in missing:
+        print(f"{p}: no such file or directory", file=sys.stderr)
+    if not files and not missing:
+        print("no policy files (*.yaml, *.yml) found", file=sys.stderr)
+    names: dict[str, Path] = {}
+    for path in files:
+        try:
+            spec = load_spec(path)
+        except PolicyError as exc:
+            failed = True
+            for f, where, reason in exc.errors:
+                print(f"{f}: {where + ': ' if where else ''}{reason}", file=sys.stderr)
+            continue
+        if spec.name in names:
+            failed = True
+            print(
+                f"{path}: name: policy {spec.name!r} is already defined in {names[spec.name]}",
+                file=sys.stderr,
+            )
+            continue
+        names[spec.name] = path
+        cats = [
+            {
+                "name": c.name,
+                "flag": c.flag,
+                "review": c.review,
+                "enabled": c.enabled,
+                "descriptions": len(c.descriptions),
+                "contrasts": len(c.contrasts),
+            }
+            for c in spec.categories
+        ]
+        print(json.dumps({"file": str(path), "policy": spec.name, "version": spec.version(), "categories": cats}))
+    return 1 if failed else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from moderator.clip import ClipEngine
+    from moderator.embedding_cache import TextEncoder, cache_from_settings
+    from moderator.images import ImageError, ImageLimits, load_image
+    from moderator.policy import compile_policy, explain, load_spec
+
+    settings = _settings(args)
+    engine = ClipEngine.from_settings(settings)
+    encoder = TextEncoder(engine, cache_from_settings(settings, engine))
+    policy = compile_policy(load_spec(Path(args.policy)), encoder, args.policy)
+    limits = ImageLimits(settings.image_max_bytes, settings.image_max_pixels, settings.image_formats,
+                         settings.image_jpeg_draft)  # fmt: skip
+    failed = 0
+    for path in args.images:
+        try:
+            arr = load_image(Path(path).read_bytes(), limits, engine.spec)
+        except (OSError, ImageError) as exc:
+            failed += 1
+            reason = exc.reason if isinstance(exc, ImageError) else "unreadable_file"
+            print(json.dumps({"image": path, "error": reason, "message": str(exc)}))
+            continue
+        report = explain(policy, engine.encode_images(arr[None])[0], top=args.top)
+        print(json.dumps({"image": path, **report}, indent=2 if args.pretty else None))
     return 1 if failed else 0
 
 
@@ -120,21 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     stack.register_cli(sub)
 
-    p = sub.add_parser(
-        "classify", help="zero-shot scores (or policy decisions) for image files, one JSON line each"
-    )
+    p = sub.add_parser("classify", help="zero-shot scores (or policy decisions) for image files, one JSON line each")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
     p.add_argument("--label", action="append", default=[], help="a candidate label; repeat for more")
     p.add_argument("--template", default=PIPELINE_TEMPLATE, help="prompt template ({} = the label)")
     p.set_defaults(func=cmd_classify)
 
+    p.add_argument("--policy", help="a policy file: print one decision per image instead of label scores")
+
+    p = sub.add_parser("policy", help="policy files: check, explain")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    pc = psub.add_parser("check", help="validate policy files or directories; print name, version, categories")
+    pc.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default: MODERATOR_POLICY_DIR)")
+    pc.set_defaults(func=cmd_policy_check)
+    pe = psub.add_parser("explain", help="per category: score, thresholds, closest texts, the rule that fired")
+    pe.add_argument("images", nargs="+", metavar="IMAGE")
+    pe.add_argument("--policy", required=True, help="the policy file")
+    pe.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
+    pe.add_argument("--top", type=int, default=3, help="closest texts to show per list")
+    pe.add_argument("--pretty", action="store_true", help="indented JSON")
+    pe.set_defaults(func=cmd_policy_explain)
+
     p = sub.add_parser("models", help="the supported checkpoints and whether each is available locally")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
-        "random-checkpoint", help="write a randomly initialized CLIP checkpoint (tests, demos)"
-    )
+    p = sub.add_parser("random-checkpoint", help="write a randomly initialized CLIP checkpoint (tests, demos)")
     p.add_argument("dir")
     p.add_argument("--arch", default="tiny", help="tiny | ViT-B/32 | ViT-B/16 | ViT-L/14")
     p.add_argument("--seed", type=int, default=0)
@@ -154,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from moderator.clip import ModelLoadError
+        from moderator.policy import PolicyError
 
-        if isinstance(exc, ModelLoadError):
+        if isinstance(exc, (ModelLoadError, PolicyError)):
             print(f"moderator: {exc}", file=sys.stderr)
             return 2
         raise

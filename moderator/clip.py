@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.mkldnn import MkldnnLinear
 from transformers import AutoProcessor, CLIPModel
 
 from moderator.images import PreprocessSpec
@@ -53,12 +53,8 @@ SUPPORTED_CHECKPOINTS: dict[str, CheckpointInfo] = {
     c.model_id: c
     for c in (
         CheckpointInfo("openai/clip-vit-base-patch32", "ViT-B/32", 224, 32, 512, "fastest; the default"),
-        CheckpointInfo(
-            "openai/clip-vit-base-patch16", "ViT-B/16", 224, 16, 512, "finer detail, ~4x B/32 cost"
-        ),
-        CheckpointInfo(
-            "openai/clip-vit-large-patch14", "ViT-L/14", 224, 14, 768, "most accurate; GPU for throughput"
-        ),
+        CheckpointInfo("openai/clip-vit-base-patch16", "ViT-B/16", 224, 16, 512, "finer detail, ~4x B/32 cost"),
+        CheckpointInfo("openai/clip-vit-large-patch14", "ViT-L/14", 224, 14, 768, "most accurate; GPU for throughput"),
         CheckpointInfo(
             "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
             "ViT-B/16",
@@ -76,9 +72,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"device {device!r} requested but CUDA is not available; set MODERATOR_DEVICE=cpu"
-        )
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available; set MODERATOR_DEVICE=cpu")
     return dev
 
 
@@ -99,9 +93,7 @@ def _hash_weights(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _resolved_commit(
-    model_id: str, revision: str | None, local_files_only: bool, cache_dir: Path | None
-) -> str:
+def _resolved_commit(model_id: str, revision: str | None, local_files_only: bool, cache_dir: Path | None) -> str:
     """The commit hash a hub load resolved to, read off the snapshot path of its config."""
     from transformers.utils import cached_file
 
@@ -112,9 +104,7 @@ def _resolved_commit(
     return match.group(1) if match else (revision or "unknown")
 
 
-def _load_error(
-    model_id: str, revision: str | None, local_files_only: bool, exc: Exception
-) -> ModelLoadError:
+def _load_error(model_id: str, revision: str | None, local_files_only: bool, exc: Exception) -> ModelLoadError:
     rev = revision or "main"
     lines = [
         f"cannot load CLIP checkpoint {model_id!r} (revision {rev}, "
@@ -190,9 +180,7 @@ class ClipEngine:
         if not is_local:
             kwargs = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
         try:
-            model = CLIPModel.from_pretrained(
-                str(local_dir) if is_local else model_id, dtype=torch.float32, **kwargs
-            )
+            model = CLIPModel.from_pretrained(str(local_dir) if is_local else model_id, dtype=torch.float32, **kwargs)
             processor = AutoProcessor.from_pretrained(str(local_dir) if is_local else model_id, **kwargs)
         except (OSError, ValueError) as exc:
             raise _load_error(model_id, revision, local_files_only, exc) from None
@@ -214,9 +202,8 @@ class ClipEngine:
         model.eval().requires_grad_(False).to(dev)
         model.vision_model.to(dt)
         model.visual_projection.to(dt)
-        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
-            _onednn_linears(model.vision_model, dt)
-            model.visual_projection = MkldnnLinear(model.visual_projection, dt)
+        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
+            _onednn_linears(model, dt)
         engine = cls(
             model,
             processor,
@@ -308,25 +295,37 @@ class ClipEngine:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def zero_shot_probs(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float
-) -> torch.Tensor:
+def zero_shot_probs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """softmax(logit_scale · cos) over the candidate texts, as the reference pipeline computes it."""
     logits = logit_scale * (image_embeds.float() @ text_embeds.float().T)
     return logits.softmax(dim=-1)
 
 
-def _onednn_linears(module: torch.nn.Module, dtype: torch.dtype) -> None:
+def _onednn_linears(model: CLIPModel, dtype: torch.dtype) -> None:
     """Run the image tower's Linear layers on oneDNN with prepacked weights (CPU only).
 
     Same arithmetic class as the default BLAS path (fp32 accumulate; embeddings agree to ~4e-6),
-    but about 1.2x faster for the ViT GEMMs on these CPUs. The text tower keeps plain Linear layers.
+    about 1.2x faster for the ViT GEMMs on these CPUs. The text tower keeps plain Linear layers.
+    Where this torch build has no oneDNN (or no MkldnnLinear), the plain layers stay.
     """
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, MkldnnLinear(child, dtype))
-        else:
-            _onednn_linears(child, dtype)
+    try:
+        from torch.utils.mkldnn import MkldnnLinear
+    except ImportError:
+        return
+    if not torch.backends.mkldnn.is_available():
+        return
+
+    def swap(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, MkldnnLinear(child, dtype))
+            else:
+                swap(child)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # MkldnnLinear is a TorchScript module
+        swap(model.vision_model)
+        model.visual_projection = MkldnnLinear(model.visual_projection, dtype)
 
 
 def _check_registry(model_id: str, model: CLIPModel) -> None:

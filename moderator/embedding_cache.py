@@ -205,11 +205,7 @@ class TextEncoder:
 
 def ensemble_texts(templates: Sequence[str], phrase: str) -> list[str]:
     """Template × phrase: ``["a photo of {}", "an image of {}"]`` × "a cat" → two prompts."""
-    return (
-        [t.replace("{}", phrase) if "{}" in t else f"{t} {phrase}" for t in templates]
-        if templates
-        else [phrase]
-    )
+    return [t.replace("{}", phrase) if "{}" in t else f"{t} {phrase}" for t in templates] if templates else [phrase]
 
 
 def make_redis(url: str, socket_timeout_ms: int, connect_timeout_ms: int) -> redis.Redis:

@@ -146,9 +146,7 @@ def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None)
     if width < 1 or height < 1:
         raise CorruptImage(f"invalid dimensions {width}x{height}")
     if width * height > limits.max_pixels:
-        raise ImageTooLarge(
-            f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
-        )
+        raise ImageTooLarge(f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}")
     try:
         if limits.jpeg_draft and img.format == "JPEG" and spec is not None:
             tw, th = spec.resize_target(width, height)

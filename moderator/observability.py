@@ -81,9 +81,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 TEXT_CACHE_HITS = Counter(
     "moderator_text_cache_hits_total", "Text embeddings served from a cache", ["layer"], registry=REGISTRY
 )
-TEXT_CACHE_MISSES = Counter(
-    "moderator_text_cache_misses_total", "Text embeddings found in no cache", registry=REGISTRY
-)
+TEXT_CACHE_MISSES = Counter("moderator_text_cache_misses_total", "Text embeddings found in no cache", registry=REGISTRY)
 TEXT_CACHE_REDIS_ERRORS = Counter(
     "moderator_text_cache_redis_errors_total",
     "Redis errors and timeouts (the cache fails open)",
@@ -94,14 +92,10 @@ TEXT_CACHE_REJECTED = Counter(
     "Cached values ignored because of a wrong dtype, shape or format",
     registry=REGISTRY,
 )
-TEXTS_ENCODED = Counter(
-    "moderator_texts_encoded_total", "Texts run through the text tower", registry=REGISTRY
-)
+TEXTS_ENCODED = Counter("moderator_texts_encoded_total", "Texts run through the text tower", registry=REGISTRY)
 
 # Engine (clip.py, images.py)
-IMAGES_ENCODED = Counter(
-    "moderator_images_encoded_total", "Images run through the image tower", registry=REGISTRY
-)
+IMAGES_ENCODED = Counter("moderator_images_encoded_total", "Images run through the image tower", registry=REGISTRY)
 IMAGE_ERRORS = Counter(
     "moderator_image_errors_total",
     "Images rejected before the model, by reason",
@@ -155,9 +149,7 @@ class HealthServer:
                     failing = server.failing_checks()
                     READY.set(0 if failing else 1)
                     body = {"status": "ready" if not failing else "not ready", "failing": failing}
-                    self._send(
-                        200 if not failing else 503, json.dumps(body).encode() + b"\n", "application/json"
-                    )
+                    self._send(200 if not failing else 503, json.dumps(body).encode() + b"\n", "application/json")
                 else:
                     self._send(404, b'{"status": "not found"}\n', "application/json")
 

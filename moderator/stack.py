@@ -551,17 +551,13 @@ def kafka_topics(bootstrap: str, api_version: str | None, timeout: float = 5.0) 
     admin = _kafka_admin(bootstrap, _api_tuple(api_version), timeout)
     try:
         return {
-            t["name"]: len(t.get("partitions") or [])
-            for t in admin.describe_topics()
-            if not t["name"].startswith("__")
+            t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics() if not t["name"].startswith("__")
         }
     finally:
         admin.close()
 
 
-def wait_for_topics(
-    bootstrap: str, api_version: str | None, names: Sequence[str], timeout: float = 30.0
-) -> None:
+def wait_for_topics(bootstrap: str, api_version: str | None, names: Sequence[str], timeout: float = 30.0) -> None:
     """Block until every topic in ``names`` is in the metadata with a leader for each partition."""
     admin = _kafka_admin(bootstrap, _api_tuple(api_version), timeout)
     try:
@@ -581,9 +577,7 @@ def create_topics_admin(
         return
     api = _api_tuple(api_version)
     if api is not None and api < (0, 10, 1):
-        raise StackError(
-            f"the broker at {bootstrap} ({api_version}) has no CreateTopics API (needs >= 0.10.1)"
-        )
+        raise StackError(f"the broker at {bootstrap} ({api_version}) has no CreateTopics API (needs >= 0.10.1)")
     admin = _kafka_admin(bootstrap, api, timeout)
     try:
         result = admin.create_topics(
@@ -840,9 +834,7 @@ class LocalStack:
             for name in names:
                 self._topics[name] = partitions
             self._write_state()
-            log.info(
-                "topics created", topics=names, partitions=partitions, seconds=round(time.monotonic() - t0, 2)
-            )
+            log.info("topics created", topics=names, partitions=partitions, seconds=round(time.monotonic() - t0, 2))
 
     def write_env_file(self, path: str | os.PathLike[str]) -> Path:
         """Write the ``MODERATOR_*`` connection settings of this stack to ``path`` (atomically)."""
@@ -1050,9 +1042,7 @@ class LocalStack:
             "zookeeper",
             [*self._jvm(java, home, "256m", server_log4j), ZOOKEEPER_MAIN, str(zk_conf)],
         )
-        _wait_for(
-            f"zookeeper on port {zk_port}", lambda: _zk_ok(LOOPBACK, zk_port), self.startup_timeout, [zk]
-        )
+        _wait_for(f"zookeeper on port {zk_port}", lambda: _zk_ok(LOOPBACK, zk_port), self.startup_timeout, [zk])
         zookeeper = f"{LOOPBACK}:{zk_port}"
         server_conf = self._conf(
             "server.properties",
@@ -1086,9 +1076,7 @@ class LocalStack:
                 }
             ),
         )
-        broker = self._spawn(
-            "kafka", [*self._jvm(java, home, "512m", server_log4j), "kafka.Kafka", str(server_conf)]
-        )
+        broker = self._spawn("kafka", [*self._jvm(java, home, "512m", server_log4j), "kafka.Kafka", str(server_conf)])
         bootstrap = f"{LOOPBACK}:{port}"
         _wait_for(
             f"kafka {version_str(version)} on port {port}",
@@ -1184,17 +1172,13 @@ class LocalStack:
             "--ignore-formatted",
         ]
         try:
-            result = subprocess.run(
-                fmt, cwd=self.data_dir, stdin=subprocess.DEVNULL, capture_output=True, timeout=120
-            )
+            result = subprocess.run(fmt, cwd=self.data_dir, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         except subprocess.TimeoutExpired:
             raise StackError("formatting the KRaft storage took more than 120 s") from None
         if result.returncode != 0:
             out = (result.stdout + result.stderr).decode(errors="replace")
             raise StackError(f"kafka-storage format failed (exit {result.returncode}):\n{out[-2000:]}")
-        broker = self._spawn(
-            "kafka", [*self._jvm(java, home, "512m", server_log4j), "kafka.Kafka", str(conf)]
-        )
+        broker = self._spawn("kafka", [*self._jvm(java, home, "512m", server_log4j), "kafka.Kafka", str(conf)])
         bootstrap = f"{LOOPBACK}:{port}"
         _wait_for(
             f"kafka {version_str(version)} (KRaft) on port {port}",
@@ -1337,9 +1321,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("stack up: --partitions must be >= 1", file=sys.stderr)
         return 2
     topics = (
-        _default_topics()
-        if args.topics is None
-        else [t for item in args.topics for t in item.split(",") if t.strip()]
+        _default_topics() if args.topics is None else [t for item in args.topics for t in item.split(",") if t.strip()]
     )
     stack = LocalStack(args.dir, detach=True, startup_timeout=args.timeout)
     t0 = time.monotonic()
@@ -1411,12 +1393,8 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("stack", help="a local Kafka + Redis for the demo and the tests")
     sub = p.add_subparsers(dest="stack_command", required=True)
 
-    up = sub.add_parser(
-        "up", help="start ZooKeeper + Kafka (or KRaft with KAFKA_HOME) and Redis, make topics"
-    )
-    up.add_argument(
-        "--dir", type=Path, default=Path(DEFAULT_DIR), help="data, logs and state (default: .stack)"
-    )
+    up = sub.add_parser("up", help="start ZooKeeper + Kafka (or KRaft with KAFKA_HOME) and Redis, make topics")
+    up.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), help="data, logs and state (default: .stack)")
     up.add_argument("--partitions", type=int, default=4, help="partitions per topic (default: 4)")
     up.add_argument(
         "--topics",

@@ -273,9 +273,7 @@ def varied_images(seed: int = 0) -> dict[str, bytes]:
         out[f"gray16_{w}x{h}.png"] = _save(Image.fromarray(sixteen), "PNG")
         out[f"rgb_{w}x{h}.webp"] = _save(Image.fromarray(base), "WEBP", quality=80)
     for orientation in range(2, 9):
-        out[f"exif_orientation{orientation}.jpg"] = _exif_rotated(
-            photo_like(320, 200, seed + orientation), orientation
-        )
+        out[f"exif_orientation{orientation}.jpg"] = _exif_rotated(photo_like(320, 200, seed + orientation), orientation)
     frames = [Image.fromarray(photo_like(120, 90, seed + 200 + k)).quantize(colors=32) for k in range(4)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)

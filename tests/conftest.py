@@ -194,9 +194,7 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
 
 
 @pytest.fixture
-def make_topic(
-    kafka_service: KafkaService, unique_name: Callable[[str], str]
-) -> Iterator[Callable[..., str]]:
+def make_topic(kafka_service: KafkaService, unique_name: Callable[[str], str]) -> Iterator[Callable[..., str]]:
     """``make_topic(partitions=1, name=None) -> name``: a new topic, every partition with a leader."""
     created: list[str] = []
 

@@ -15,9 +15,7 @@ from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, encode_va
 from moderator.stack import LocalStack
 from moderator.testing import build_clip_checkpoint
 
-PROMPTS = [
-    f"a photo of {thing}." for thing in ("a handgun", "a rifle", "a cat", "blood", "a beach", "a crowd")
-]
+PROMPTS = [f"a photo of {thing}." for thing in ("a handgun", "a rifle", "a cat", "blood", "a beach", "a crowd")]
 
 WORKER = textwrap.dedent(
     """
@@ -47,9 +45,7 @@ def run_worker(model_dir, url, prefix, prompts):
 
 
 def make_encoder(engine, client, prefix, **kw):
-    return TextEncoder(
-        engine, TextEmbeddingCache(engine.fingerprint, engine.embed_dim, client, prefix=prefix, **kw)
-    )
+    return TextEncoder(engine, TextEmbeddingCache(engine.fingerprint, engine.embed_dim, client, prefix=prefix, **kw))
 
 
 def test_second_process_encodes_nothing_and_gets_identical_vectors(

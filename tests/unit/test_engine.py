@@ -59,9 +59,7 @@ def test_matches_clipmodel_forward(tiny_engine, tiny_clip_dir):
     from moderator.images import preprocess
 
     batch = np.stack([preprocess(Image.fromarray(i), tiny_engine.spec) for i in imgs])
-    probs = zero_shot_probs(
-        tiny_engine.encode_images(batch), tiny_engine.encode_texts(labels), tiny_engine.logit_scale
-    )
+    probs = zero_shot_probs(tiny_engine.encode_images(batch), tiny_engine.encode_texts(labels), tiny_engine.logit_scale)
     assert torch.allclose(probs, ref, atol=1e-5)
 
 
@@ -103,9 +101,7 @@ def test_local_fingerprint_changes_with_weights(tmp_path):
 def test_missing_weights_error_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as info:
-        ClipEngine.load(
-            "openai/clip-vit-base-patch32", local_files_only=True, cache_dir=tmp_path, device="cpu"
-        )
+        ClipEngine.load("openai/clip-vit-base-patch32", local_files_only=True, cache_dir=tmp_path, device="cpu")
     msg = str(info.value)
     assert "openai/clip-vit-base-patch32" in msg
     assert "hf download openai/clip-vit-base-patch32" in msg
