@@ -50,6 +50,33 @@ class Settings(BaseSettings):
     topic_review: str = "review"
     topic_dead_letters: str = "dead-letters"
 
+    kafka_session_timeout_ms: int = Field(10_000, ge=500, le=600_000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, le=60_000)
+    # How long the worker may go between polls before the group evicts it. The worker keeps
+    # polling while batches run (backpressure pauses partitions), so this bounds only a stuck loop.
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=1_000, le=3_600_000)
+    # Idempotent producer: needs brokers >= 0.11. "auto": on unless kafka_api_version says older.
+    kafka_enable_idempotence: Literal["auto", "true", "false"] = "auto"
+
+    # --- The worker -----------------------------------------------------------------------------
+    input_format: Literal["json", "raw"] = "json"  # raw: the message value is the image, the key its id
+    max_in_flight: int = Field(256, ge=1, le=100_000)  # events between receipt and broker ack
+    commit_interval_ms: int = Field(1_000, ge=10, le=600_000)
+    shutdown_timeout_s: float = Field(30.0, ge=0.0, le=3_600.0)
+    review_include_flagged: bool = False  # also feed flag decisions to the review topic
+    dead_letter_max_original_bytes: int = Field(1_048_576, ge=0)  # larger originals: a reference only
+    publish_retries: int = Field(5, ge=0, le=100)  # re-sends of a record the broker refused
+
+    # --- URL fetching (SSRF-safe) ---------------------------------------------------------------
+    fetch_timeout_s: float = Field(10.0, gt=0, le=600)  # total per image, redirects included
+    fetch_connect_timeout_s: float = Field(3.0, gt=0, le=600)
+    fetch_max_redirects: int = Field(3, ge=0, le=20)
+    fetch_allowed_hosts: tuple[str, ...] = ()  # "host" exactly or ".domain" suffix; empty = any host
+    # Networks exempt from the private-address block (e.g. ["10.20.0.0/16"] for an internal CDN).
+    # Logged at start-up. Tests use ["127.0.0.0/8"] for their local HTTP server.
+    fetch_allow_networks: tuple[str, ...] = ()
+    fetch_threads: int = Field(16, ge=1, le=1024)
+
     # --- Redis (text-embedding cache; it accelerates, it never decides) -----------------------
     redis_enabled: bool = True
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -107,6 +134,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port...], got {part!r}")
         return v
 
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for spec in v:
+            try:
+                ipaddress.ip_network(spec, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {spec!r} ({exc})") from None
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -121,6 +160,13 @@ class Settings(BaseSettings):
         return self
 
     # --- derived --------------------------------------------------------------------------------
+    @property
+    def idempotence(self) -> bool:
+        if self.kafka_enable_idempotence != "auto":
+            return self.kafka_enable_idempotence == "true"
+        version = self.kafka_api_version_tuple
+        return version is None or version >= (0, 11)
+
     @property
     def kafka_api_version_tuple(self) -> tuple[int, ...] | None:
         if self.kafka_api_version is None:

@@ -1,10 +1,18 @@
-"""Wire formats: what moderator publishes (decisions), as pydantic models with a JSON schema."""
+"""Wire formats: the image event in; decisions, review items and dead letters out.
+
+Pydantic models, each with a JSON schema (``moderator schema``); every field is size-limited.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Outcome = Literal["flag", "review", "allow"]
 
@@ -37,3 +45,211 @@ class Decision(_Record):
     triggered: list[Trigger] = Field(description="the rules that fired, strongest first")
     policy: PolicyRef
     model: str = Field(description="model fingerprint: checkpoint id and revision, or a hash of the weights")
+
+
+# ==================================================================================================
+# Input: the event envelope
+
+MAX_ID_LENGTH = 256
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class InputError(Exception):
+    """An event that cannot be read. ``reason`` is a stable, machine-readable code."""
+
+    reason = "invalid_event"
+
+
+class InvalidJson(InputError):
+    reason = "invalid_json"
+
+
+class InvalidEnvelope(InputError):
+    reason = "invalid_envelope"
+
+
+class InvalidBase64(InputError):
+    reason = "invalid_base64"
+
+
+class MessageTooLarge(InputError):
+    reason = "message_too_large"
+
+
+class UrlImage(_Record):
+    url: str = Field(min_length=1, max_length=8192)
+
+
+class InlineImage(_Record):
+    data: str = Field(min_length=1, description="the image bytes, base64 (standard alphabet)")
+
+
+class ImageEvent(_Record):
+    """``{"id": ..., "image": {"url": ...} | {"data": <base64>}, "policy": ..., "metadata": {...}}``"""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[\x21-\x7e]+$")
+    image: UrlImage | InlineImage
+    policy: str | None = Field(None, min_length=1, max_length=64)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description=f"passed through; at most {MAX_METADATA_BYTES} bytes"
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes")
+        return v
+
+
+@dataclass(frozen=True)
+class ParsedEvent:
+    """An event ready for the image stage: its id, policy, metadata, and bytes or a URL."""
+
+    id: str
+    policy: str | None
+    metadata: dict[str, Any]
+    data: bytes | None
+    url: str | None
+
+
+def parse_event(key: bytes | None, value: bytes | None, raw: bool, max_bytes: int) -> ParsedEvent:
+    """The envelope (JSON mode) or the raw image (raw mode: value = bytes, key = id)."""
+    if value is None:
+        raise InvalidEnvelope("empty message (tombstone)")
+    if raw:
+        if not key:
+            raise InvalidEnvelope("raw mode needs the event id as the message key")
+        event_id = key.decode("utf-8", errors="replace")
+        if len(event_id) > MAX_ID_LENGTH:
+            raise InvalidEnvelope(f"id longer than {MAX_ID_LENGTH} characters")
+        if len(value) > max_bytes:
+            raise MessageTooLarge(f"{len(value)} bytes exceeds the image limit of {max_bytes}")
+        return ParsedEvent(event_id, None, {}, value, None)
+    # base64 makes inline images 4/3 larger; allow for it and the envelope around it.
+    if len(value) > max_bytes * 4 // 3 + MAX_METADATA_BYTES + 4096:
+        raise MessageTooLarge(f"{len(value)} bytes exceeds the envelope limit")
+    try:
+        raw_obj = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJson(f"not JSON: {exc}") from None
+    try:
+        event = ImageEvent.model_validate(raw_obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEnvelope(f"{where}: {first['msg']}" if where else first["msg"]) from None
+    if isinstance(event.image, InlineImage):
+        try:
+            data = base64.b64decode(event.image.data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidBase64(f"image.data is not valid base64: {exc}") from None
+        return ParsedEvent(event.id, event.policy, event.metadata, data, None)
+    return ParsedEvent(event.id, event.policy, event.metadata, None, event.image.url)
+
+
+def event_id_hint(key: bytes | None, value: bytes | None) -> str | None:
+    """Best-effort id of an event that failed to parse (for its dead letter)."""
+    try:
+        obj = json.loads(value or b"")
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+            return obj["id"][:MAX_ID_LENGTH]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return key.decode("utf-8", errors="replace")[:MAX_ID_LENGTH] if key else None
+
+
+# ==================================================================================================
+# Output records
+
+
+class Source(_Record):
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = Field(None, description="the record's timestamp, when the broker keeps one")
+
+
+class Timings(_Record):
+    """Milliseconds spent per stage for this event."""
+
+    queued_ms: float = Field(description="from receipt until its image stage started")
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+    batch_wait_ms: float = Field(0.0, description="in the micro-batcher")
+    model_ms: float = Field(0.0, description="the batch's image tower time")
+    score_ms: float = Field(0.0, description="the batch's policy scoring time")
+    total_ms: float = Field(description="from receipt until the decision was produced")
+    end_to_end_ms: float | None = Field(None, description="from the record's timestamp, when it has one")
+
+
+class DecisionRecord(Decision):
+    """What the decisions topic carries (key = event id)."""
+
+    event_id: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    source: Source
+    timings: Timings
+    decided_at: str = Field(description="ISO 8601, UTC")
+
+
+class ImageRef(_Record):
+    url: str | None = Field(None, description="the image URL, for URL events")
+    inline_source: Source | None = Field(None, description="where the inline image can be re-read from")
+    sha256: str = Field(description="of the image bytes")
+    bytes: int
+
+
+class ReviewItem(_Record):
+    """What the review topic carries: what a reviewer's tool needs (key = event id)."""
+
+    event_id: str
+    decision: Outcome
+    priority: int = Field(ge=0, le=100, description="higher first: severity weight × how far past the threshold")
+    image: ImageRef
+    scores: dict[str, float]
+    reasons: list[Trigger]
+    policy: PolicyRef
+    model: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    source: Source
+    decided_at: str
+
+
+class DeadLetter(_Record):
+    """What the dead-letter topic carries: every event that could not be decided (key = event id)."""
+
+    event_id: str | None
+    reason: str = Field(description="a stable code: invalid_json, invalid_envelope, not_an_image, url_blocked, ...")
+    message: str
+    source: Source
+    original_value: str | None = Field(None, description="the original message value, base64, when small enough")
+    original_bytes: int
+    original_sha256: str
+    failed_at: str
+
+
+SEVERITY_WEIGHT = {"critical": 1.0, "high": 0.8, "medium": 0.6, "low": 0.4}
+
+
+def review_priority(triggered: list[Trigger]) -> int:
+    """0..100: the strongest trigger's severity weight times its score (flag rules rank higher)."""
+    best = 0.0
+    for t in triggered:
+        weight = SEVERITY_WEIGHT.get((t.severity or "").lower(), 0.5)
+        best = max(best, weight * t.score * (1.0 if t.rule == "flag" else 0.8))
+    return round(100 * min(1.0, best))
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """JSON schemas of the input envelope and every output record (``moderator schema``)."""
+    return {
+        "ImageEvent": ImageEvent.model_json_schema(),
+        "DecisionRecord": DecisionRecord.model_json_schema(),
+        "ReviewItem": ReviewItem.model_json_schema(),
+        "DeadLetter": DeadLetter.model_json_schema(),
+    }
