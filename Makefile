@@ -52,8 +52,7 @@ lint:
 	$(BIN)/ruff format --check moderator tests benchmarks
 
 demo: setup
-	@echo "The demo (a worker over the local stack) arrives with the stream-worker issue."
-	@echo "Until then: $(BIN)/moderator stack up / status / down, and $(BIN)/moderator classify."
+	$(BIN)/moderator demo
 
 stack-up:
 	$(BIN)/moderator stack up

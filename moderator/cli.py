@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from moderator import stack
 from moderator.config import ConfigError, Settings, load_settings
-from moderator.observability import configure_logging
+from moderator.observability import configure_logging, get_logger
+
+log = get_logger(__name__)
 
 # The reference zero-shot pipeline's default template; `classify --label` uses it too, so that its
 # scores are the pipeline's scores.
@@ -162,6 +166,141 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from moderator.clip import ClipEngine
+    from moderator.embedding_cache import TextEncoder, cache_from_settings
+    from moderator.observability import HealthServer
+    from moderator.pipeline import Worker
+    from moderator.policy import PolicyRegistry, compile_policy
+
+    settings = load_settings()
+    engine = ClipEngine.from_settings(settings)  # start-up errors fail fast, with what to do
+    encoder = TextEncoder(engine, cache_from_settings(settings, engine))
+    registry = PolicyRegistry(
+        settings.policy_dir, lambda spec, src: compile_policy(spec, encoder, src), settings.default_policy
+    )
+    registry.load_initial()
+    health = HealthServer(settings.http_host, settings.http_port).start()
+    worker = Worker(settings, engine, registry)
+    health.add_check("model_loaded", lambda: True)
+    health.add_check("policies_compiled", lambda: bool(registry.current.policies))
+    health.add_check("partitions_assigned", worker.assigned.is_set)
+    registry.start()
+    try:
+        code = worker.run()
+    finally:
+        registry.stop()
+        health.stop()
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if stuck:  # e.g. an image fetch past its deadline: the exit bound wins over waiting for it
+        log.warning("exiting_with_threads_running", threads=stuck[:10])
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _image_files(paths: list[str]) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out.extend(str(c) for c in sorted(path.iterdir()) if c.is_file() and not c.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import base64
+    import uuid
+
+    from kafka import KafkaProducer
+
+    settings = load_settings()
+    producer = KafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=settings.idempotence,
+                             max_request_size=64 * 1024 * 1024)  # fmt: skip
+    topic = args.topic or settings.topic_images
+    failed = 0
+    for item in _image_files(args.items):
+        is_url = item.startswith(("http://", "https://"))
+        if args.mode == "url" and not is_url:
+            print(f"moderator: {item}: --url needs http(s) URLs", file=sys.stderr)
+            failed += 1
+            continue
+        if args.mode == "inline" and is_url:
+            print(f"moderator: {item}: --inline needs files", file=sys.stderr)
+            failed += 1
+            continue
+        event_id = f"{args.id_prefix}{uuid.uuid4().hex}"
+        if is_url:
+            image: dict[str, str] = {"url": item}
+        else:
+            image = {"data": base64.b64encode(Path(item).read_bytes()).decode()}
+        event: dict[str, object] = {"id": event_id, "image": image, "metadata": {"source": item}}
+        if args.policy:
+            event["policy"] = args.policy
+        meta = producer.send(topic, key=event_id.encode(), value=json.dumps(event).encode()).get(timeout=30)
+        print(json.dumps({"id": event_id, "item": item, "topic": topic, "partition": meta.partition,
+                          "offset": meta.offset}))  # fmt: skip
+    producer.flush()
+    producer.close()
+    return 1 if failed else 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    settings = load_settings()
+    topic = {"decisions": settings.topic_decisions, "review": settings.topic_review,
+             "dead-letters": settings.topic_dead_letters}[args.which]  # fmt: skip
+    consumer = KafkaConsumer(**settings.kafka_common(), group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+    if not parts:
+        print(f"moderator: topic {topic!r} does not exist", file=sys.stderr)
+        return 1
+    consumer.assign(parts)
+    if args.from_beginning:
+        consumer.seek_to_beginning(*parts)
+    else:
+        consumer.seek_to_end(*parts)
+    seen = 0
+    idle_until = time.monotonic() + args.idle_timeout if args.idle_timeout else None
+    try:
+        while args.max is None or seen < args.max:
+            batch = consumer.poll(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    print((r.value or b"").decode("utf-8", errors="replace"), flush=True)
+                    seen += 1
+                    if args.max is not None and seen >= args.max:
+                        break
+            if batch and args.idle_timeout:
+                idle_until = time.monotonic() + args.idle_timeout
+            if idle_until is not None and time.monotonic() > idle_until:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close(autocommit=False)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from moderator.events import schemas
+
+    all_schemas = schemas()
+    print(json.dumps(all_schemas if args.name is None else all_schemas[args.name], indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moderator.demo import run_demo
+
+    return run_demo(count=args.count)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from moderator.clip import SUPPORTED_CHECKPOINTS, checkpoint_available
 
@@ -218,6 +357,34 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--top", type=int, default=3, help="closest texts to show per list")
     pe.add_argument("--pretty", action="store_true", help="indented JSON")
     pe.set_defaults(func=cmd_policy_explain)
+
+    p = sub.add_parser("run", help="the stream worker: images topic in; decisions, review, dead letters out")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("produce", help="publish image events (files inline, http(s) URLs by reference)")
+    p.add_argument("items", nargs="+", metavar="PATH_OR_URL", help="image files, directories or URLs")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--inline", dest="mode", action="store_const", const="inline", help="files, base64 inline")
+    mode.add_argument("--url", dest="mode", action="store_const", const="url", help="URLs, fetched by the worker")
+    p.add_argument("--policy", help="the policy to decide with (default: the worker's default policy)")
+    p.add_argument("--topic", help="default: MODERATOR_TOPIC_IMAGES")
+    p.add_argument("--id-prefix", default="", help="prefix of the generated event ids")
+    p.set_defaults(func=cmd_produce, mode=None)
+
+    p = sub.add_parser("tail", help="print the records of an output topic as JSON lines")
+    p.add_argument("which", choices=["decisions", "review", "dead-letters"])
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--max", type=int, help="stop after N records")
+    p.add_argument("--idle-timeout", type=float, help="stop after S seconds without a record")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("demo", help="the main job end to end on a local stack, with sample images")
+    p.add_argument("--count", type=int, default=24, help="sample images to publish")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("schema", help="JSON schemas of the input event and every output record")
+    p.add_argument("name", nargs="?", choices=["ImageEvent", "DecisionRecord", "ReviewItem", "DeadLetter"])
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("models", help="the supported checkpoints and whether each is available locally")
     p.set_defaults(func=cmd_models)

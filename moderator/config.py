@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, ge=1, le=100_000)  # events between receipt and broker ack
     commit_interval_ms: int = Field(1_000, ge=10, le=600_000)
     shutdown_timeout_s: float = Field(30.0, ge=0.0, le=3_600.0)
+    # On a rebalance, how long to wait for in-flight events of revoked partitions before
+    # abandoning them uncommitted (capped by what the broker protocol allows: see pipeline.py).
+    rebalance_wait_s: float = Field(20.0, ge=0.0, le=600.0)
     review_include_flagged: bool = False  # also feed flag decisions to the review topic
     dead_letter_max_original_bytes: int = Field(1_048_576, ge=0)  # larger originals: a reference only
     publish_retries: int = Field(5, ge=0, le=100)  # re-sends of a record the broker refused

@@ -114,8 +114,10 @@ class _Pinned(http.client.HTTPConnection):
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
 
+    raw_sock: socket.socket | None = None  # kept: http.client drops .sock once a response owns it
+
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 class _PinnedTLS(http.client.HTTPSConnection):
@@ -123,8 +125,11 @@ class _PinnedTLS(http.client.HTTPSConnection):
         super().__init__(host, port, timeout=timeout, context=context)
         self._ip = ip
 
+    raw_sock: socket.socket | None = None
+
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.raw_sock = sock
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
@@ -197,14 +202,14 @@ class Fetcher:
         if remaining <= 0:
             raise FetchTimeout(f"no time left within {self.policy.timeout_s}s")
         timeout = min(self.policy.connect_timeout_s, remaining)
-        conn: http.client.HTTPConnection = (
+        conn: _Pinned | _PinnedTLS = (
             _PinnedTLS(host, port, ip, timeout, self._ssl) if scheme == "https" else _Pinned(host, port, ip, timeout)
         )
         expired = threading.Event()
 
         def watchdog() -> None:  # the total deadline: close the socket under a slow reader
             expired.set()
-            sock = conn.sock
+            sock = conn.raw_sock
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -228,8 +233,8 @@ class Fetcher:
             chunks: list[bytes] = []
             size = 0
             while True:
-                if conn.sock is not None:
-                    conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if conn.raw_sock is not None:
+                    conn.raw_sock.settimeout(max(0.001, deadline - time.monotonic()))
                 chunk = resp.read1(65536)
                 if not chunk:
                     break

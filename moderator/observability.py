@@ -118,6 +118,30 @@ POLICY_RELOADS = Counter(
     registry=REGISTRY,
 )
 
+# The worker (pipeline.py)
+EVENTS_IN = Counter("moderator_events_total", "Events received from the images topic", registry=REGISTRY)
+DECISIONS = Counter("moderator_decisions_total", "Decisions published, by outcome", ["outcome"], registry=REGISTRY)
+DEAD_LETTERS = Counter(
+    "moderator_dead_letters_total", "Events dead-lettered, by reason code", ["reason"], registry=REGISTRY
+)
+IN_FLIGHT = Gauge("moderator_in_flight_events", "Events received and not yet acknowledged", registry=REGISTRY)
+BACKPRESSURE_PAUSES = Counter(
+    "moderator_backpressure_pauses_total", "Times the consumer paused at max_in_flight", registry=REGISTRY
+)
+BATCH_SIZE = Histogram(
+    "moderator_batch_size", "Images per model batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY
+)
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+EVENT_LATENCY = Histogram(
+    "moderator_event_seconds", "From receipt to decision published", buckets=_LATENCY_BUCKETS, registry=REGISTRY
+)
+END_TO_END = Histogram(
+    "moderator_end_to_end_seconds",
+    "From the event's Kafka timestamp to its decision (brokers that keep timestamps)",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
 READY = Gauge("moderator_ready", "1 when every readiness check passes", registry=REGISTRY)
 
 

@@ -70,6 +70,13 @@ class OffsetTracker(Generic[P]):
         part = self._parts.get(partition)
         return part.next_commit if part else None
 
+    def resume_point(self, partition: P) -> int | None:
+        """The first offset not yet finished: where a consumer must resume to miss nothing."""
+        part = self._parts.get(partition)
+        if part is None:
+            return None
+        return part.order[0] if part.order else part.next_commit
+
     def drop(self, partitions: list[P] | set[P]) -> None:
         """Forget partitions (revoked or lost): late finishes for them are ignored."""
         for tp in partitions:

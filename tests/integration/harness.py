@@ -1,0 +1,142 @@
+"""Helpers for worker tests: worker processes, event producers, output collectors."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from moderator.config import ENV_PREFIX, Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The MODERATOR_* environment that reproduces ``settings`` in another process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        raw = getattr(settings, name)
+        if hasattr(raw, "get_secret_value"):
+            value = raw.get_secret_value()
+        if value is None:
+            continue
+        env[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return env
+
+
+class WorkerProcess:
+    """``moderator run`` in a subprocess, its log in a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, **overrides: Any) -> None:
+        self.settings = settings.model_copy(update=overrides) if overrides else settings
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update(settings_env(self.settings))
+        env.update({"MODERATOR_LOG_FORMAT": "json", "TOKENIZERS_PARALLELISM": "false"})
+        if self.settings.http_port == 8080:  # the default: take a free port instead
+            env["MODERATOR_HTTP_PORT"] = "0"
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moderator.cli", "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in self.events() if e.get("event") == event)
+
+    def wait_for(self, event: str, timeout: float = 120.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(event) >= count:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {event!r} within {timeout}s:\n{self.tail()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+def inline_event(event_id: str, data: bytes, **extra: Any) -> bytes:
+    return json.dumps({"id": event_id, "image": {"data": base64.b64encode(data).decode()}, **extra}).encode()
+
+
+def produce(settings: Settings, items: Iterable[tuple[str, bytes]]) -> int:
+    producer = KafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=settings.idempotence,
+                             max_request_size=32 * 1024 * 1024)  # fmt: skip
+    n = 0
+    for key, value in items:
+        producer.send(settings.topic_images, key=key.encode(), value=value)
+        n += 1
+    producer.flush()
+    producer.close()
+    return n
+
+
+class Outputs:
+    """Reads the decisions, review and dead-letter topics from the beginning, incrementally."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.names = {settings.topic_decisions: "decisions", settings.topic_review: "review",
+                      settings.topic_dead_letters: "dead"}  # fmt: skip
+        self.consumer = KafkaConsumer(**settings.kafka_common(), group_id=None, enable_auto_commit=False)
+        parts = [TopicPartition(t, p) for t in self.names for p in sorted(self.consumer.partitions_for_topic(t) or [])]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning(*parts)
+        self.records: dict[str, list[dict[str, Any]]] = {"decisions": [], "review": [], "dead": []}
+
+    def poll(self) -> None:
+        for tp, recs in self.consumer.poll(timeout_ms=200).items():
+            for r in recs:
+                self.records[self.names[tp.topic]].append(json.loads(r.value))
+
+    def ids(self, kind: str) -> list[str]:
+        return [r["event_id"] for r in self.records[kind]]
+
+    def decided(self) -> set[str]:
+        return set(self.ids("decisions")) | {i for i in self.ids("dead") if i}
+
+    def wait_for(self, ids: set[str], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            if ids <= self.decided():
+                time.sleep(0.5)  # let late duplicates, if any, arrive too
+                self.poll()
+                return
+        missing = ids - self.decided()
+        raise AssertionError(f"{len(missing)} event(s) without a record after {timeout}s, e.g. {sorted(missing)[:5]}")
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
