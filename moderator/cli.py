@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.kafka_log_level)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"moderator: {exc}", file=sys.stderr)

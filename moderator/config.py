@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)  # /metrics, /healthz, /readyz; 0 = a free port
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+    kafka_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # kafka-python's own lines
 
     @field_validator("kafka_api_version")
     @classmethod

@@ -45,7 +45,7 @@ class _StderrLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
+def configure_logging(level: str = "INFO", fmt: str = "auto", kafka_level: str = "WARNING") -> None:
     """Route structlog (and the standard library's logging) to stderr as JSON lines or console text."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -66,6 +66,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     # Libraries (kafka-python, transformers) log through the standard library: keep them quiet
     # unless they warn, and on the same stream.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    logging.getLogger("kafka").setLevel(logging.getLevelName(kafka_level.upper()))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

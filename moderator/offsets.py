@@ -16,12 +16,13 @@ P = TypeVar("P", bound=Hashable)
 
 
 class _Partition:
-    __slots__ = ("done", "next_commit", "order")
+    __slots__ = ("done", "next_commit", "order", "passed")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()  # started offsets, ascending
         self.done: set[int] = set()  # finished offsets still behind an unfinished one
         self.next_commit: int | None = None  # committable offset (None: nothing finished yet)
+        self.passed: deque[int] = deque()  # finished, below the watermark, not yet committed
 
 
 class OffsetTracker(Generic[P]):
@@ -48,12 +49,17 @@ class OffsetTracker(Generic[P]):
         while part.order and part.order[0] in part.done:
             head = part.order.popleft()
             part.done.discard(head)
+            part.passed.append(head)
             part.next_commit = head + 1
 
     def pending(self, partition: P | None = None) -> int:
         """Started and not yet finished events (of one partition, or of all)."""
         parts = [self._parts.get(partition)] if partition is not None else list(self._parts.values())
         return sum(len(p.order) - len(p.done) for p in parts if p is not None)
+
+    def uncommitted(self) -> int:
+        """Started events whose offset is not committed yet: what a crash now would re-process."""
+        return sum(len(p.order) + len(p.passed) for p in self._parts.values())
 
     def committable(self) -> dict[P, int]:
         """Offsets to commit now: the partitions whose watermark moved since :meth:`mark_committed`."""
@@ -65,6 +71,10 @@ class OffsetTracker(Generic[P]):
 
     def mark_committed(self, offsets: dict[P, int]) -> None:
         self._committed.update(offsets)
+        for tp, committed in offsets.items():
+            part = self._parts.get(tp)
+            while part is not None and part.passed and part.passed[0] < committed:
+                part.passed.popleft()
 
     def watermark(self, partition: P) -> int | None:
         part = self._parts.get(partition)

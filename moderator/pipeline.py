@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from moderator import observability as obs
 from moderator.batcher import MicroBatcher
@@ -200,6 +200,7 @@ class Worker:
         self._stop = threading.Event()
         self._fatal: str | None = None
         self._paused = False
+        self._commit_in_flight = False
         self._engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         self.assigned = threading.Event()
 
@@ -213,8 +214,13 @@ class Worker:
                 signal.signal(sig, lambda signum, frame: self.stop(f"signal {signum}"))
         if self.settings.fetch_allow_networks:
             log.warning("fetch_private_networks_allowed", networks=list(self.settings.fetch_allow_networks))
+        self._wait_for_topic(self.settings.topic_images)
         listener = _Rebalance(self, self.consumer, rebalance_wait_budget(self.settings))
         self.consumer.subscribe([self.settings.topic_images], listener=listener)
+        # One metadata refresh after subscribing, before the first join: kafka-python builds the
+        # snapshot it compares assignments against from metadata updates; without one, the first
+        # refresh after joining looks like a partition change and rebalances for nothing.
+        self.consumer.topics()
         self._engine_thread.start()
         log.info("worker_started", topic=self.settings.topic_images, group=self.settings.kafka_group_id,
                  model=self.engine.fingerprint, policies=sorted(self.registry.current.policies))  # fmt: skip
@@ -227,7 +233,7 @@ class Worker:
                         self._receive(tp, record)
                 self._resend_failed()
                 self._backpressure()
-                if time.monotonic() >= next_commit:
+                if time.monotonic() >= next_commit or self._commit_pressure():
                     self.commit()
                     next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
             return self._shutdown()
@@ -236,6 +242,21 @@ class Worker:
             self._stop.set()
             self._ready.put(None)
             raise
+
+    def _wait_for_topic(self, topic: str, timeout: float = 30.0) -> None:
+        """Have the topic's partitions in the consumer's metadata before joining the group.
+
+        kafka-python compares the partitions it assigned against later metadata; joining before the
+        topic is known makes it see a change on the next refresh and rebalance for nothing.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.consumer.partitions_for_topic(topic):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"topic {topic!r} does not exist (or has no partitions) on {self.settings.kafka_bootstrap_servers}:"
+                    " create it, or set MODERATOR_TOPIC_IMAGES"
+                )
+            time.sleep(0.2)
 
     def stop(self, why: str = "requested") -> None:
         if not self._stop.is_set():
@@ -260,8 +281,10 @@ class Worker:
         self._pool.submit(self._image_stage, event)
 
     def _backpressure(self) -> None:
+        # Bounded by events not yet *committed* (not only not yet acknowledged): what a crash would
+        # re-process, so duplicates after a crash never exceed max_in_flight.
         with self._lock:
-            in_flight = self._in_flight
+            in_flight = max(self._in_flight, self._tracker.uncommitted())
         limit = self.settings.max_in_flight
         if not self._paused and in_flight >= limit:
             self.consumer.pause(*self.consumer.assignment())
@@ -271,21 +294,62 @@ class Worker:
             self.consumer.resume(*self.consumer.paused())  # only partitions still owned and paused
             self._paused = False
 
-    def commit(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
-        """Commit every partition's done-watermark that moved (or of ``only`` those partitions)."""
+    def _commit_pressure(self) -> bool:
+        """Half the in-flight window is done but uncommitted: commit now rather than at the interval."""
         with self._lock:
-            offsets = {tp: o for tp, o in self._tracker.committable().items() if only is None or tp in only}
+            done_uncommitted = self._tracker.uncommitted() - self._tracker.pending()
+        return done_uncommitted >= max(1, self.settings.max_in_flight // 2)
+
+    def commit(self) -> dict[TopicPartition, int]:
+        """Commit every partition's done-watermark that moved, without blocking the poll loop.
+
+        Asynchronous on purpose: a synchronous commit during a rebalance retries until its timeout
+        while the rebalance waits for this thread's next poll(). Skipped unless the member is stable
+        (revocations commit their own partitions). The callback runs on this thread, in poll().
+        """
+        if self._commit_in_flight or self.consumer.group_metadata().state != MemberState.STABLE:
+            return {}
+        with self._lock:
+            offsets = self._tracker.committable()
+            if not offsets:
+                return {}
+        t0 = time.perf_counter()
+
+        def done(_offsets: Any, response: Any) -> None:
+            self._commit_in_flight = False
+            if isinstance(response, BaseException):
+                log.warning("commit_failed", error=f"{type(response).__name__}: {response}", partitions=len(offsets))
+                return
+            with self._lock:
+                self._tracker.mark_committed(offsets)
+            obs.STAGE_SECONDS.labels(stage="commit").observe(time.perf_counter() - t0)
+
+        self._commit_in_flight = True
+        try:
+            self.consumer.commit_async(
+                offsets={tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, callback=done
+            )
+        except Exception as exc:
+            self._commit_in_flight = False
+            log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}", partitions=len(offsets))
+            return {}
+        return offsets
+
+    def commit_sync(self, timeout_ms: int = 10_000) -> dict[TopicPartition, int]:
+        """A blocking commit, for shutdown (partitions paused, no rebalance expected)."""
+        with self._lock:
+            offsets = self._tracker.committable()
         if not offsets:
             return {}
-        t0 = time.perf_counter()
         try:
-            self.consumer.commit(offsets={tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-        except Exception as exc:  # a rebalance in progress, a broker away: the next commit retries
+            self.consumer.commit(
+                offsets={tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, timeout_ms=timeout_ms
+            )
+        except Exception as exc:
             log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}", partitions=len(offsets))
             return {}
         with self._lock:
             self._tracker.mark_committed(offsets)
-        obs.STAGE_SECONDS.labels(stage="commit").observe(time.perf_counter() - t0)
         return offsets
 
     def _shutdown(self) -> int:
@@ -305,7 +369,7 @@ class Worker:
         self._ready.put(None)
         self._engine_thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.producer.flush(timeout=max(1.0, deadline - time.monotonic()))
-        committed = self.commit()
+        committed = self.commit_sync(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=5)

@@ -40,7 +40,9 @@ class WorkerProcess:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
-        env.update({"MODERATOR_LOG_FORMAT": "json", "TOKENIZERS_PARALLELISM": "false"})
+        env.update(
+            {"MODERATOR_LOG_FORMAT": "json", "MODERATOR_KAFKA_LOG_LEVEL": "INFO", "TOKENIZERS_PARALLELISM": "false"}
+        )
         if self.settings.http_port == 8080:  # the default: take a free port instead
             env["MODERATOR_HTTP_PORT"] = "0"
         self._log = log_path.open("ab")

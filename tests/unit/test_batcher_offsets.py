@@ -107,3 +107,28 @@ def test_committed_offset_never_skips_an_unfinished_event(n, rnd: random.Random,
             assert c == n or c not in finished  # and it is the lowest unfinished
     if stop == n:
         assert t.watermark(0) == n
+
+
+def test_uncommitted_counts_until_the_commit():
+    t: OffsetTracker[str] = OffsetTracker()
+    for o in range(5):
+        t.start("p", o)
+    assert t.uncommitted() == 5
+    for o in range(3):
+        t.finish("p", o)
+    assert t.uncommitted() == 5 and t.pending() == 2  # done, but a crash now would re-read them
+    t.mark_committed(t.committable())
+    assert t.uncommitted() == 2
+
+
+def test_kafka_python_internals_the_rebalance_hook_relies_on():
+    """The revocation hook waits with kafka-python 3's IO-loop sleep; fail loudly if an upgrade moves it."""
+    import inspect
+
+    from kafka import AsyncConsumerRebalanceListener
+    from kafka.net.selector import KernelEvent, NetworkSelector
+    from kafka.structs import MemberState
+
+    assert isinstance(NetworkSelector.sleep(NetworkSelector.__new__(NetworkSelector), 0.05), KernelEvent)
+    assert inspect.iscoroutinefunction(AsyncConsumerRebalanceListener.on_partitions_revoked)
+    assert MemberState.STABLE
