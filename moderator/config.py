@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     image_max_pixels: int = Field(40_000_000, ge=1)  # Pillow's own bomb threshold is ~89.5M
     image_jpeg_draft: bool = False  # JPEG DCT-domain downscale for images much larger than the input
-    decode_threads: int = Field(4, ge=1, le=256)
+    decode_threads: int = Field(2, ge=1, le=256)  # concurrent decodes (fetches have their own threads)
 
     # --- Batching -------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096)

@@ -191,6 +191,7 @@ class Worker:
             "dead_letters": settings.topic_dead_letters,
         }
         self._pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="image")
+        self._decode_slots = threading.BoundedSemaphore(settings.decode_threads)
         self._ready: queue.Queue[Event | None] = queue.Queue()
         self._lock = threading.Condition()  # guards the tracker, in-flight count and failures
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -396,7 +397,8 @@ class Worker:
                 data = self.fetcher.fetch(event.parsed.url or "")
                 event.timings["fetch_ms"] = _ms(time.monotonic() - started)
             t0 = time.monotonic()
-            event.pixels = load_image(data, self.limits, self.engine.spec)
+            with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
+                event.pixels = load_image(data, self.limits, self.engine.spec)
             event.timings["decode_ms"] = _ms(time.monotonic() - t0)
             event.image_bytes = len(data)
             event.image_sha256 = hashlib.sha256(data).hexdigest()
