@@ -281,33 +281,16 @@ class CompiledPolicy:
         codes = decide_batch(scores, self.flag, self.review)
         ref = self.ref
         enabled = [c for c in self.spec.categories if c.enabled]
+        flagged = scores >= self.flag  # [B, C], vectorized; Python only visits the rules that fired
+        fired = flagged | (scores >= self.review)
         out = []
-        for row, code in zip(scores.tolist(), codes.tolist(), strict=True):
+        for i, (row, code) in enumerate(zip(scores.tolist(), codes.tolist(), strict=True)):
             triggered = []
-            for j, c in enumerate(enabled):
-                s = row[j]
-                if s >= c.flag:
-                    triggered.append(
-                        Trigger(
-                            category=c.name,
-                            rule="flag",
-                            score=s,
-                            threshold=c.flag,
-                            severity=c.severity,
-                            labels=c.labels,
-                        )
-                    )
-                elif s >= c.review:
-                    triggered.append(
-                        Trigger(
-                            category=c.name,
-                            rule="review",
-                            score=s,
-                            threshold=c.review,
-                            severity=c.severity,
-                            labels=c.labels,
-                        )
-                    )
+            for j in np.flatnonzero(fired[i]).tolist():
+                c = enabled[j]
+                rule, threshold = ("flag", c.flag) if flagged[i, j] else ("review", c.review)
+                triggered.append(Trigger(category=c.name, rule=rule, score=row[j], threshold=threshold,
+                                         severity=c.severity, labels=c.labels))  # fmt: skip
             triggered.sort(key=lambda t: (t.rule != "flag", -t.score))
             out.append(
                 Decision(
