@@ -50,13 +50,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     else:
         prompts = [args.template.replace("{}", lb) if "{}" in args.template else lb for lb in args.label]
         text = torch.from_numpy(encoder.encode(prompts)).to(engine.device)
-    limits = ImageLimits(
-        max_bytes=settings.image_max_bytes,
-        max_pixels=settings.image_max_pixels,
-        formats=settings.image_formats,
-        jpeg_draft=settings.image_jpeg_draft,
-    )
-    loader = ImageLoader(limits, engine.spec, settings.decode_threads)
+    loader = ImageLoader(ImageLimits.from_settings(settings), engine.spec, settings.decode_threads)
     failed = 0
     paths = list(args.images)
     try:
@@ -150,8 +144,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     engine = ClipEngine.from_settings(settings)
     encoder = TextEncoder(engine, cache_from_settings(settings, engine))
     policy = compile_policy(load_spec(Path(args.policy)), encoder, args.policy)
-    limits = ImageLimits(settings.image_max_bytes, settings.image_max_pixels, settings.image_formats,
-                         settings.image_jpeg_draft)  # fmt: skip
+    limits = ImageLimits.from_settings(settings)
     failed = 0
     for path in args.images:
         try:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, CLIPModel
 
+from moderator.config import Settings
 from moderator.images import PreprocessSpec
 from moderator.observability import IMAGES_ENCODED, TEXTS_ENCODED, get_logger
 from moderator.testing import is_random_init
@@ -227,16 +228,15 @@ class ClipEngine:
         return engine
 
     @classmethod
-    def from_settings(cls, settings: object) -> ClipEngine:
-        s = settings
+    def from_settings(cls, settings: Settings) -> ClipEngine:
         return cls.load(
-            s.model_id,  # type: ignore[attr-defined]
-            revision=s.model_revision,  # type: ignore[attr-defined]
-            device=s.device,  # type: ignore[attr-defined]
-            dtype=s.dtype,  # type: ignore[attr-defined]
-            local_files_only=s.model_local_files_only,  # type: ignore[attr-defined]
-            cache_dir=s.model_cache_dir,  # type: ignore[attr-defined]
-            max_batch_size=s.max_batch_size,  # type: ignore[attr-defined]
+            settings.model_id,
+            revision=settings.model_revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            local_files_only=settings.model_local_files_only,
+            cache_dir=settings.model_cache_dir,
+            max_batch_size=settings.max_batch_size,
         )
 
     def warm_up(self) -> None:

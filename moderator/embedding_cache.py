@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import redis
 
     from moderator.clip import ClipEngine
+    from moderator.config import Settings
 
 log = get_logger(__name__)
 
@@ -223,20 +224,17 @@ def make_redis(url: str, socket_timeout_ms: int, connect_timeout_ms: int) -> red
     )
 
 
-def cache_from_settings(settings: object, engine: ClipEngine) -> TextEmbeddingCache:
-    s = settings
+def cache_from_settings(settings: Settings, engine: ClipEngine) -> TextEmbeddingCache:
     client = None
-    if s.redis_enabled:  # type: ignore[attr-defined]
+    if settings.redis_enabled:
         client = make_redis(
-            s.redis_url.get_secret_value(),  # type: ignore[attr-defined]
-            s.redis_socket_timeout_ms,  # type: ignore[attr-defined]
-            s.redis_connect_timeout_ms,  # type: ignore[attr-defined]
+            settings.redis_url.get_secret_value(), settings.redis_socket_timeout_ms, settings.redis_connect_timeout_ms
         )
     return TextEmbeddingCache(
         engine.fingerprint,
         engine.embed_dim,
         client,
-        prefix=s.redis_key_prefix,  # type: ignore[attr-defined]
-        lru_size=s.text_cache_size,  # type: ignore[attr-defined]
-        retry_after_s=s.redis_retry_after_s,  # type: ignore[attr-defined]
+        prefix=settings.redis_key_prefix,
+        lru_size=settings.text_cache_size,
+        retry_after_s=settings.redis_retry_after_s,
     )

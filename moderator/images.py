@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moderator.config import Settings
 from moderator.observability import IMAGE_ERRORS
 
 
@@ -60,6 +61,12 @@ class ImageLimits:
     # JPEG DCT-domain downscaling while decoding (Pillow's draft mode) for images at least twice
     # the resize target: much faster for large photos, slightly different pixels (see README).
     jpeg_draft: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        return cls(
+            settings.image_max_bytes, settings.image_max_pixels, settings.image_formats, settings.image_jpeg_draft
+        )
 
 
 @dataclass(frozen=True)
@@ -237,10 +244,6 @@ class ImageLoader:
         if len(items) <= 1:
             return [self.load_one(d) for d in items]
         return list(self._pool.map(self.load_one, items))
-
-    def submit(self, data: bytes):  # type: ignore[no-untyped-def]
-        """Start one load on the pool; the future's result is an array or an :class:`ImageError`."""
-        return self._pool.submit(self.load_one, data)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

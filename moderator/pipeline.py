@@ -179,12 +179,7 @@ class Worker:
                 allow_networks=parse_networks(settings.fetch_allow_networks),
             )
         )
-        self.limits = ImageLimits(
-            max_bytes=settings.image_max_bytes,
-            max_pixels=settings.image_max_pixels,
-            formats=settings.image_formats,
-            jpeg_draft=settings.image_jpeg_draft,
-        )
+        self.limits = ImageLimits.from_settings(settings)
         self.topics = {
             "decisions": settings.topic_decisions,
             "review": settings.topic_review,
@@ -605,10 +600,6 @@ class Worker:
         log.info("partitions_revoked" if not lost else "partitions_lost", abandoned=abandoned,
                  partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))  # fmt: skip
         return offsets, resume
-
-    @property
-    def ready(self) -> bool:
-        return self.assigned.is_set() and bool(self.registry.current.policies)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
