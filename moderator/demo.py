@@ -29,7 +29,7 @@ from moderator.observability import get_logger
 from moderator.pipeline import Worker
 from moderator.policy import PolicyRegistry, compile_policy
 from moderator.stack import LocalStack, default_cache_dir
-from moderator.testing import build_clip_checkpoint, jpeg_bytes, photo_like
+from moderator.testing import cached_random_checkpoint, jpeg_bytes, photo_like
 
 log = get_logger(__name__)
 
@@ -61,9 +61,7 @@ def load_demo_engine(settings: Settings) -> ClipEngine:
             "and every decision says so (model fingerprint 'random-init:...').",
             "For real decisions: download the weights and set MODERATOR_MODEL_ID.",
         ])  # fmt: skip
-        target = default_cache_dir() / f"random-init-{arch.replace('/', '-')}"
-        if not (target / "config.json").is_file():
-            build_clip_checkpoint(target, arch, seed=0)
+        target = cached_random_checkpoint(default_cache_dir(), arch)
         return ClipEngine.load(str(target), device=settings.device, dtype=settings.dtype,
                                max_batch_size=settings.max_batch_size)  # fmt: skip
 

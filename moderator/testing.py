@@ -9,7 +9,11 @@ path. Everything is deterministic under ``seed``.
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,56 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges: every character is a token (519 ids in all).
+# Words that are single tokens (mostly: BPE merges of different words can interfere) in the test
+# tokenizer, as common words are in real CLIP vocabularies: prompts made of them tokenize to about
+# as many tokens as with a real checkpoint, which keeps text-tower costs (and benchmarks) realistic.
+# Other text falls back to one token per character.
+_WORDS = """
+    a activity address after an and arm as assault at attempting baby background bandage bath beach beaten
+    beer being birthday blood board body book bottles boxing breastfeeding buddhist buds burning by candy
+    card cartoon cat character child children church cigarette city classical classroom climbing clinic
+    combat comedy containing controller cooking counter cross cuts cutting dead decoration diagram dog
+    drawing drill drug drugs event explicit exposed extremist fake family fighting flag flour food for
+    friends from game genitals glass gore graphic green group gun handgun handwritten harm hateful held
+    herbs hindu history home horror hospital human identity illegal image in inject injury interior
+    joints juice kitchen knife landscape lines liquor made makeup marble marijuana match medical medicine
+    minor monster mother movie mutilation naked national noose nudity number of on operating or page paint
+    paraphernalia park party passport people person pet pharmacy phone photo picture pillows pistol plastic
+    plate play playing pointing powder power prescription product red religious revealing rifle room rope
+    s scars scary school scrape screenshot self selfie sexual showing sky slapstick smiling smoking
+    splattered sports statue stitches street sugar suicide supremacist surgery swastika swimsuit sword
+    symbols syringe table tattoo temple text textbook the theatrical to toy trees underwear used
+    vaccination video wall water weapon white with wrist this is
+    bottle car crowd desk garden man woman night indoors outdoors close up blurry dark bright old new
+    small large on top next under near holding wearing sitting standing lying floor bed window beside
+    pills needle bruise fist protest sign banner cigar smoke fire knives bullets ammunition shotgun
+    tank soldier uniform police officer crime scene bathtub shower lingerie bikini kiss hug couple
+    teenager toddler infant stroller playground parade concert stage painting sketch comic meme poster
+    magazine newspaper website logo text tablet laptop keyboard mirror camera street store market
+    restaurant bar club beach pool lake forest mountain road highway bridge train bus truck bicycle
+    fight kissing
+"""
+VOCABULARY_WORDS: tuple[str, ...] = tuple(sorted(set(_WORDS.split())))
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank until none applies."""
+    while len(symbols) > 1:
+        candidates = [(ranks[p], i) for i, p in enumerate(itertools.pairwise(symbols)) if p in ranks]
+        if not candidates:
+            break
+        _, i = min(candidates)
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
+    return symbols
+
+
+def build_tokenizer(max_length: int = 77, words: Iterable[str] = VOCABULARY_WORDS) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer in which each of ``words`` is one token; any other text splits
+    into one token per character.
+
+    The merges are built word by word: while BPE with the merges so far leaves a word in pieces,
+    a merge of its first two pieces is appended. An appended merge ranks after every earlier one,
+    so it never changes how an earlier word (already one token) is merged.
 
     Real CLIP vocabularies put ``<|startoftext|>`` and ``<|endoftext|>`` last (49406, 49407); this
     one does too, so both pooling rules of ``CLIPTextTransformer`` (argmax of ids, or the first eos)
@@ -49,9 +101,14 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
         vocab[ch] = len(vocab)
     for ch in chars:
         vocab[ch + "</w>"] = len(vocab)
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=sorted(ranks, key=ranks.__getitem__), model_max_length=max_length)
 
 
 # Architectures by name: (vision: hidden, layers, heads, mlp, patch, image size;
@@ -172,6 +229,27 @@ def build_clip_checkpoint(
     processor.save_pretrained(out)
     (out / RANDOM_INIT_MARKER).write_text(json.dumps({"architecture": architecture, "seed": seed}) + "\n")
     return out
+
+
+def cached_random_checkpoint(cache_dir: str | Path, architecture: str, seed: int = 0) -> Path:
+    """A random-init checkpoint of ``architecture`` under ``cache_dir``, built on first use.
+
+    Built in a private directory and renamed into place, so concurrent callers never see half a
+    checkpoint. The name carries a format number: a change of what this module builds (such as the
+    tokenizer's vocabulary) gets a new directory instead of a stale one.
+    """
+    target = Path(cache_dir) / f"random-init-{architecture.replace('/', '-')}-seed{seed}-v3"
+    if (target / RANDOM_INIT_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_clip_checkpoint(partial, architecture, seed=seed)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def is_random_init(model_dir: str | Path) -> dict[str, object] | None:
