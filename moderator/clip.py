@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import AutoProcessor, CLIPModel
 
 from moderator.config import Settings
 from moderator.images import PreprocessSpec
-from moderator.observability import IMAGES_ENCODED, TEXTS_ENCODED, get_logger
+from moderator.observability import IMAGES_ENCODED, STAGE_SECONDS, TEXTS_ENCODED, get_logger
 from moderator.testing import is_random_init
 
 log = get_logger(__name__)
@@ -151,6 +150,7 @@ class ClipEngine:
         self.embed_dim = int(model.config.projection_dim)
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        self.image_tower = "plain"  # or "onednn-fused" (CPU): how the image tower's products run
         # Rescale and normalize folded into one affine map: x * scale + shift, per channel.
         std = torch.tensor(self.spec.std, dtype=torch.float32)
         mean = torch.tensor(self.spec.mean, dtype=torch.float32)
@@ -203,8 +203,9 @@ class ClipEngine:
         model.eval().requires_grad_(False).to(dev)
         model.vision_model.to(dt)
         model.visual_projection.to(dt)
+        fused = False
         if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
-            _onednn_linears(model, dt)
+            fused = _fuse_cpu_image_tower(model, dt, int(model.config.vision_config.image_size))
         engine = cls(
             model,
             processor,
@@ -214,6 +215,7 @@ class ClipEngine:
             dtype=dt,
             max_batch_size=max_batch_size,
         )
+        engine.image_tower = "onednn-fused" if fused else "plain"
         if warm_up:
             engine.warm_up()
         log.info(
@@ -221,6 +223,7 @@ class ClipEngine:
             model=fingerprint,
             device=str(dev),
             dtype=str(dt).removeprefix("torch."),
+            image_tower=engine.image_tower,
             seconds=round(time.perf_counter() - t0, 2),
             embed_dim=engine.embed_dim,
             input_size=list(engine.spec.output_hw),
@@ -259,15 +262,31 @@ class ClipEngine:
         x = x.permute(0, 3, 1, 2).float()
         return x * self._scale + self._shift
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def encode_images(self, batch: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Preprocessed uint8 images to L2-normalized float32 embeddings ``[B, D]`` on the device."""
+        """Preprocessed uint8 images to L2-normalized float32 embeddings ``[B, D]`` on the device.
+
+        Per chunk of ``max_batch_size``, the seconds of ``transfer`` (to the device, rescaled and
+        normalized) and ``forward`` (the image tower) go to ``moderator_stage_seconds``; on CUDA the
+        device is synchronized at each boundary so that the split is real (the caller reads the
+        embeddings right after, so the last synchronization costs nothing).
+        """
         arr = batch if isinstance(batch, np.ndarray) else np.stack(list(batch))
         out = []
         for i in range(0, len(arr), self.max_batch_size):
+            t0 = time.perf_counter()
             pixels = self.pixel_values(arr[i : i + self.max_batch_size]).to(self.dtype)
+            self._sync()
+            t1 = time.perf_counter()
             feats = self.model.get_image_features(pixel_values=pixels).pooler_output
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+            self._sync()
+            STAGE_SECONDS.labels(stage="transfer").observe(t1 - t0)
+            STAGE_SECONDS.labels(stage="forward").observe(time.perf_counter() - t1)
         IMAGES_ENCODED.inc(len(arr))
         if not out:
             return torch.empty((0, self.embed_dim), device=self.device)
@@ -301,31 +320,108 @@ def zero_shot_probs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit
     return logits.softmax(dim=-1)
 
 
-def _onednn_linears(model: CLIPModel, dtype: torch.dtype) -> None:
-    """Run the image tower's Linear layers on oneDNN with prepacked weights (CPU only).
+class _OneDNNLinear(torch.nn.Module):
+    """``act(x @ W.T + b)`` as one oneDNN primitive with a prepacked weight (CPU).
 
-    Same arithmetic class as the default BLAS path (fp32 accumulate; embeddings agree to ~4e-6),
-    about 1.2x faster for the ViT GEMMs on these CPUs. The text tower keeps plain Linear layers.
-    Where this torch build has no oneDNN (or no MkldnnLinear), the plain layers stay.
+    The activation runs as a post-op of the matrix product, on the output while it is still in
+    cache, instead of as separate passes over memory.
     """
-    try:
-        from torch.utils.mkldnn import MkldnnLinear
-    except ImportError:
-        return
-    if not torch.backends.mkldnn.is_available():
-        return
 
-    def swap(module: torch.nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, MkldnnLinear(child, dtype))
-            else:
-                swap(child)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none", algorithm: str = "") -> None:
+        super().__init__()
+        self.out_features = int(weight.shape[0])
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()))
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.act = act
+        self.algorithm = algorithm
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # MkldnnLinear is a TorchScript module
-        swap(model.vision_model)
-        model.visual_projection = MkldnnLinear(model.visual_projection, dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, x.shape[-1]), self.packed, self.bias, self.act, [], self.algorithm
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# hidden_act -> (oneDNN post-op, its algorithm, scale folded into fc1 and out of fc2).
+# quick_gelu(z) = z·sigmoid(1.702·z) = swish(1.702·z) / 1.702: fc1's weight and bias are scaled by
+# 1.702 so that its output feeds swish directly, and fc2's weight by 1/1.702 to undo the factor.
+_FUSED_ACTIVATIONS: dict[str, tuple[str, str, float]] = {
+    "quick_gelu": ("swish", "", 1.702),
+    "gelu": ("gelu", "none", 1.0),
+    "gelu_new": ("gelu", "tanh", 1.0),
+    "gelu_pytorch_tanh": ("gelu", "tanh", 1.0),
+    "relu": ("relu", "", 1.0),
+}
+
+
+def _fuse_image_tower(model: CLIPModel) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Swap the image tower's Linear layers for :class:`_OneDNNLinear` (activations fused into fc1).
+
+    Returns (parent, attribute, original module) for every swap, so that :func:`_unfuse` can undo it.
+    """
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def swap(parent: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+        swaps.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    act, algorithm, scale = _FUSED_ACTIVATIONS.get(str(model.config.vision_config.hidden_act), ("", "", 1.0))
+    for layer in model.vision_model.encoder.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            lin = getattr(layer.self_attn, name)
+            swap(layer.self_attn, name, _OneDNNLinear(lin.weight, lin.bias))
+        mlp = layer.mlp
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        if act:
+            bias = None if fc1.bias is None else fc1.bias * scale
+            swap(mlp, "fc1", _OneDNNLinear(fc1.weight * scale, bias, act, algorithm))
+            swap(mlp, "activation_fn", torch.nn.Identity())
+            swap(mlp, "fc2", _OneDNNLinear(fc2.weight / scale, fc2.bias))
+        else:  # an activation oneDNN cannot fuse: the plain one between two fused products
+            swap(mlp, "fc1", _OneDNNLinear(fc1.weight, fc1.bias))
+            swap(mlp, "fc2", _OneDNNLinear(fc2.weight, fc2.bias))
+    proj = model.visual_projection
+    swap(model, "visual_projection", _OneDNNLinear(proj.weight, proj.bias))
+    return swaps
+
+
+def _unfuse(swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    for parent, name, original in reversed(swaps):
+        setattr(parent, name, original)
+
+
+def _fuse_cpu_image_tower(model: CLIPModel, dtype: torch.dtype, image_size: int) -> bool:
+    """On CPU, run the image tower's matrix products as fused, prepacked oneDNN primitives.
+
+    About 1.35x faster than PyTorch's oneDNN Linear with its layout conversions, 2.3x faster than
+    plain Linear (ViT-B/32, fp32, batch 32, ``moderator bench``); same fp32 arithmetic, embeddings
+    agree to ~3e-6. The fused tower is checked against the plain one on two random images before it
+    is kept: where this torch build lacks the primitives or they disagree, the plain layers stay
+    (and a warning says so). Returns whether the fused tower is in use.
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, 3, image_size, image_size, generator=generator).to(dtype)
+    with torch.inference_mode():
+        plain = torch.nn.functional.normalize(
+            model.get_image_features(pixel_values=probe).pooler_output.float(), dim=-1
+        )
+        swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        try:
+            swaps = _fuse_image_tower(model)
+            fused = model.get_image_features(pixel_values=probe).pooler_output.float()
+            cosine = float((torch.nn.functional.normalize(fused, dim=-1) * plain).sum(-1).min())
+        except (RuntimeError, NotImplementedError) as exc:
+            _unfuse(swaps)
+            log.warning("fused_image_tower_unavailable", error=f"{type(exc).__name__}: {exc}")
+            return False
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    if not cosine >= 1 - tolerance:
+        _unfuse(swaps)
+        log.warning("fused_image_tower_disagrees", min_cosine=cosine, tolerance=tolerance)
+        return False
+    return True
 
 
 def _check_registry(model_id: str, model: CLIPModel) -> None:

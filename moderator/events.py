@@ -176,6 +176,7 @@ class Timings(_Record):
     queued_ms: float = Field(description="from receipt until its image stage started")
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
+    preprocess_ms: float = Field(0.0, description="resize and center crop")
     batch_wait_ms: float = Field(0.0, description="in the micro-batcher")
     model_ms: float = Field(0.0, description="the batch's image tower time")
     score_ms: float = Field(0.0, description="the batch's policy scoring time")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moderator.config import Settings
-from moderator.observability import IMAGE_ERRORS
+from moderator.observability import IMAGE_ERRORS, STAGE_SECONDS
 
 
 class ImageError(Exception):
@@ -216,13 +217,29 @@ def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(canvas[max(0, top) : top + ch, max(0, left) : left + cw])
 
 
-def load_image(data: bytes, limits: ImageLimits, spec: PreprocessSpec) -> np.ndarray:
-    """Bytes to model-ready ``uint8 [H, W, 3]``; raises :class:`ImageError` (and counts it)."""
+def load_image(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None = None
+) -> np.ndarray:
+    """Bytes to model-ready ``uint8 [H, W, 3]``; raises :class:`ImageError` (and counts it).
+
+    The seconds spent decoding and preprocessing go to ``moderator_stage_seconds`` (stages
+    ``decode`` and ``preprocess``) and, when given, into ``timings`` under the same names.
+    """
     try:
-        return preprocess(decode(data, limits, spec), spec)
+        t0 = time.perf_counter()
+        img = decode(data, limits, spec)
+        t1 = time.perf_counter()
+        out = preprocess(img, spec)
+        t2 = time.perf_counter()
     except ImageError as exc:
         IMAGE_ERRORS.labels(reason=exc.reason).inc()
         raise
+    STAGE_SECONDS.labels(stage="decode").observe(t1 - t0)
+    STAGE_SECONDS.labels(stage="preprocess").observe(t2 - t1)
+    if timings is not None:
+        timings["decode"] = t1 - t0
+        timings["preprocess"] = t2 - t1
+    return out
 
 
 class ImageLoader:

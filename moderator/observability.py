@@ -105,7 +105,9 @@ IMAGE_ERRORS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "moderator_stage_seconds",
-    "Time spent per batch in each stage",
+    "Seconds per unit of work in each stage: per image (fetch, decode, preprocess), per batch (transfer:"
+    " to the device and normalized, forward: the image tower, score, publish: records built and handed to"
+    " the producer), per record (produce: send to broker ack), per commit (commit)",
     ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moderator.events import Decision, PolicyRef, Trigger
-from moderator.observability import POLICY_RELOADS, get_logger
+from moderator.observability import POLICY_RELOADS, STAGE_SECONDS, get_logger
 
 if TYPE_CHECKING:
     from moderator.embedding_cache import TextEncoder
@@ -275,7 +276,10 @@ class CompiledPolicy:
         return score_logits(logits, self.tables).cpu().numpy()
 
     def decisions(self, image_embeds: torch.Tensor) -> list[Decision]:
-        return self.decide(self.scores(image_embeds))
+        t0 = time.perf_counter()
+        out = self.decide(self.scores(image_embeds))
+        STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
+        return out
 
     def decide(self, scores: np.ndarray) -> list[Decision]:
         codes = decide_batch(scores, self.flag, self.review)

@@ -135,3 +135,70 @@ def test_models_command_lists_registry(capsys, tmp_path, monkeypatch):
         "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
     }
     assert all(r["available_locally"] is False for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused oneDNN image tower (CPU)
+
+
+def _plain_tower(model_dir, act: str | None = None):
+    from transformers.activations import ACT2FN
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    if act is not None:  # the same weights with another activation (LAION checkpoints use gelu)
+        model.config.vision_config.hidden_act = act
+        for layer in model.vision_model.encoder.layers:
+            layer.mlp.activation_fn = ACT2FN[act]
+    return model
+
+
+def _embed(model, pixels):
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+
+def test_engine_runs_the_fused_tower_and_matches_clipmodel(tiny_engine, tiny_clip_dir):
+    assert tiny_engine.image_tower == "onednn-fused"
+    assert any(type(m).__name__ == "_OneDNNLinear" for m in tiny_engine.model.vision_model.modules())
+    assert not any(type(m).__name__ == "_OneDNNLinear" for m in tiny_engine.model.text_model.modules())
+    batch = _batch(6, tiny_engine.spec.output_hw, seed=5)
+    ours = tiny_engine.encode_images(batch)
+    reference = _embed(_plain_tower(tiny_clip_dir), tiny_engine.pixel_values(batch))
+    assert (ours - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"])
+def test_fused_tower_equals_plain_for_each_activation(tiny_clip_dir, act):
+    from moderator.clip import _fuse_cpu_image_tower
+
+    model = _plain_tower(tiny_clip_dir, act)
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = _embed(model, pixels)
+    assert _fuse_cpu_image_tower(model, torch.float32, 32)
+    assert (_embed(model, pixels) - plain).abs().max() < 1e-5
+    fused_acts = [m.act for m in model.vision_model.modules() if type(m).__name__ == "_OneDNNLinear"]
+    assert ("swish" in fused_acts) == (act == "quick_gelu") and ("gelu" in fused_acts) == act.startswith("gelu")
+
+
+def test_fused_tower_that_disagrees_is_not_used(tiny_clip_dir, monkeypatch):
+    from moderator import clip
+
+    monkeypatch.setitem(clip._FUSED_ACTIVATIONS, "quick_gelu", ("swish", "", 1.0))  # the 1.702 forgotten
+    model = _plain_tower(tiny_clip_dir)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain = _embed(model, pixels)
+    assert not clip._fuse_cpu_image_tower(model, torch.float32, 32)
+    assert all(type(m).__name__ != "_OneDNNLinear" for m in model.modules())  # every swap undone
+    assert torch.equal(_embed(model, pixels), plain)
+
+
+def test_fused_tower_in_bfloat16(tiny_clip_dir):
+    from moderator.clip import _fuse_cpu_image_tower
+
+    model = _plain_tower(tiny_clip_dir)
+    model.vision_model.to(torch.bfloat16)
+    model.visual_projection.to(torch.bfloat16)
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    plain = _embed(model, pixels).float()
+    assert _fuse_cpu_image_tower(model, torch.bfloat16, 32)
+    assert ((_embed(model, pixels).float() * plain).sum(-1) > 0.99).all()
