@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(40_000_000, ge=1)  # Pillow's own bomb threshold is ~89.5M
     image_jpeg_draft: bool = False  # JPEG DCT-domain downscale for images much larger than the input
     decode_threads: int = Field(2, ge=1, le=256)  # concurrent decodes (fetches have their own threads)
+    # When images are decoded: "overlap" ahead of the model, beside it; "before_forward" when their
+    # batch runs, on every core, then the model on every core; "auto": before_forward on the CPU
+    # (where decoding beside the model slows it more than it gains), overlap on an accelerator.
+    decode_schedule: Literal["auto", "overlap", "before_forward"] = "auto"
 
     # --- Batching -------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096)

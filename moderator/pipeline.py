@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import MemberState, OffsetAndMetadata
 
@@ -74,6 +75,7 @@ class Event:
     timestamp_ms: int | None
     received: float  # time.monotonic()
     parsed: ParsedEvent | None = None
+    data: bytes | None = None  # the image bytes (inline or fetched) until decoded
     pixels: np.ndarray | None = None
     image_sha256: str = ""
     image_bytes: int = 0
@@ -187,6 +189,8 @@ class Worker:
         }
         self._pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="image")
         self._decode_slots = threading.BoundedSemaphore(settings.decode_threads)
+        self._decode_in_batch = decode_before_forward(settings.decode_schedule, engine.device)
+        self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self._ready: queue.Queue[Event | None] = queue.Queue()
         self._lock = threading.Condition()  # guards the tracker, in-flight count and failures
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -367,6 +371,7 @@ class Worker:
         self.producer.flush(timeout=max(1.0, deadline - time.monotonic()))
         committed = self.commit_sync(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=5)
         log.info(
@@ -383,29 +388,48 @@ class Worker:
     # image stage (thread pool)
 
     def _image_stage(self, event: Event) -> None:
+        """Fetch (URL events) and, unless decoding waits for the batch, decode; then hand to the engine."""
         assert event.parsed is not None
         started = time.monotonic()
         event.timings["queued_ms"] = _ms(started - event.received)
         try:
-            data = event.parsed.data
-            if data is None:
-                data = self.fetcher.fetch(event.parsed.url or "")
-                event.timings["fetch_ms"] = _ms(time.monotonic() - started)
-            t0 = time.monotonic()
-            with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
-                event.pixels = load_image(data, self.limits, self.engine.spec)
-            event.timings["decode_ms"] = _ms(time.monotonic() - t0)
-            event.image_bytes = len(data)
-            event.image_sha256 = hashlib.sha256(data).hexdigest()
-        except (FetchError, ImageError) as exc:
+            event.data = event.parsed.data
+            if event.data is None:
+                event.data = self.fetcher.fetch(event.parsed.url or "")
+                fetch_s = time.monotonic() - started
+                event.timings["fetch_ms"] = _ms(fetch_s)
+                obs.STAGE_SECONDS.labels(stage="fetch").observe(fetch_s)
+        except FetchError as exc:
             self._dead_letter(event, exc.reason, str(exc))
             return
         except Exception as exc:  # a bug, not the data: still never lose the event
             log.exception("image_stage_error", event_id=event.parsed.id)
             self._dead_letter(event, "internal_error", f"{type(exc).__name__}: {exc}")
             return
-        obs.STAGE_SECONDS.labels(stage="image").observe(time.monotonic() - started)
-        self._ready.put(event)
+        if self._decode_in_batch or self._decode(event):
+            self._ready.put(event)
+
+    def _decode(self, event: Event) -> bool:
+        """Decode and preprocess the event's image; on bad data, dead-letter it and return False."""
+        assert event.parsed is not None and event.data is not None
+        data = event.data
+        try:
+            seconds: dict[str, float] = {}
+            with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
+                event.pixels = load_image(data, self.limits, self.engine.spec, seconds)
+            event.timings["decode_ms"] = _ms(seconds["decode"])
+            event.timings["preprocess_ms"] = _ms(seconds["preprocess"])
+            event.image_bytes = len(data)
+            event.image_sha256 = hashlib.sha256(data).hexdigest()
+            event.data = None
+        except ImageError as exc:
+            self._dead_letter(event, exc.reason, str(exc))
+            return False
+        except Exception as exc:  # a bug, not the data: still never lose the event
+            log.exception("image_stage_error", event_id=event.parsed.id)
+            self._dead_letter(event, "internal_error", f"{type(exc).__name__}: {exc}")
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------------
     # engine thread
@@ -443,12 +467,17 @@ class Worker:
                 return
 
     def _run_batch(self, events: list[Event], waited: list[float]) -> None:
+        if self._decode_in_batch:  # every core decodes the batch, then every core runs the model
+            good = list(self._decoder.map(self._decode, events))
+            events = [e for e, ok in zip(events, good, strict=True) if ok]
+            waited = [w for w, ok in zip(waited, good, strict=True) if ok]
+            if not events:
+                return
         snapshot = self.registry.current  # the whole batch is decided with this policy set
         t0 = time.perf_counter()
         embeds = self.engine.encode_images(np.stack([e.pixels for e in events]))  # type: ignore[misc]
-        model_s = time.perf_counter() - t0
+        model_s = time.perf_counter() - t0  # transfer + forward (each observed by the engine)
         obs.BATCH_SIZE.observe(len(events))
-        obs.STAGE_SECONDS.labels(stage="model").observe(model_s)
         t1 = time.perf_counter()
         groups: dict[str | None, list[int]] = {}
         for i, e in enumerate(events):
@@ -463,8 +492,8 @@ class Worker:
                 continue
             for i, d in zip(rows, policy.decisions(embeds[rows]), strict=True):
                 decisions[i] = d
-        score_s = time.perf_counter() - t1
-        obs.STAGE_SECONDS.labels(stage="score").observe(score_s)
+        score_s = time.perf_counter() - t1  # observed per policy group by CompiledPolicy.decisions
+        t2 = time.perf_counter()
         log.info("batch_done", size=len(events), model_ms=_ms(model_s), score_ms=_ms(score_s),
                  oldest_wait_ms=_ms(max(waited)))  # fmt: skip
         now = time.monotonic()
@@ -477,8 +506,8 @@ class Worker:
             e2e = wall_ms - e.timestamp_ms if e.timestamp_ms is not None else None
             timings = Timings(
                 queued_ms=e.timings.get("queued_ms", 0.0), fetch_ms=e.timings.get("fetch_ms", 0.0),
-                decode_ms=e.timings.get("decode_ms", 0.0), batch_wait_ms=_ms(w), model_ms=_ms(model_s),
-                score_ms=_ms(score_s), total_ms=_ms(now - e.received),
+                decode_ms=e.timings.get("decode_ms", 0.0), preprocess_ms=e.timings.get("preprocess_ms", 0.0),
+                batch_wait_ms=_ms(w), model_ms=_ms(model_s), score_ms=_ms(score_s), total_ms=_ms(now - e.received),
                 end_to_end_ms=round(e2e, 3) if e2e is not None else None,
             )  # fmt: skip
             self._publish_decision(e, d, timings, decided_at)
@@ -486,6 +515,7 @@ class Worker:
             obs.EVENT_LATENCY.observe(now - e.received)
             if e2e is not None:
                 obs.END_TO_END.observe(max(0.0, e2e / 1000))
+        obs.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - t2)
 
     # ------------------------------------------------------------------------------------------
     # outputs
@@ -660,6 +690,19 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             self._resume = {}
         except Exception as exc:
             log.warning("partitions_lost_hook_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def decode_before_forward(schedule: str, device: torch.device) -> bool:
+    """Whether images are decoded when their batch runs (all cores, then the model on all cores)
+    rather than ahead of it, beside the model.
+
+    ``auto``: on the CPU, where the image tower already uses every core, decoding beside it preempts
+    the model's threads mid-product and costs the model more than the decoding itself takes; on an
+    accelerator, decoding ahead overlaps the device's work.
+    """
+    if schedule == "auto":
+        return device.type == "cpu"
+    return schedule == "before_forward"
 
 
 def rebalance_wait_budget(settings: Settings) -> float:

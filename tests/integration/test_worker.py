@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import http.server
 import io
+import re
 import shutil
 import signal
 import threading
@@ -260,13 +261,13 @@ def test_policy_edit_and_redis_outage_mid_run(worker_settings, tmp_path, policy_
 
 
 def test_slow_batches_cause_no_rebalance(settings_factory, b32_clip_dir, policy_dir, tmp_path):
-    """Batches of 64 on the full-size B/32 architecture (~4 s here) take longer than the poll interval."""
+    """Batches of 192 on the full-size B/32 architecture (~4 s here) take longer than the poll interval."""
     settings = settings_factory(
         topics=True, partitions=2, model_id=str(b32_clip_dir), device="cpu", policy_dir=policy_dir,
-        default_policy="community-standards", max_batch_size=64, max_delay_ms=3000,
+        default_policy="community-standards", max_batch_size=192, max_delay_ms=3000,
         kafka_max_poll_interval_ms=2500, kafka_session_timeout_ms=2500, kafka_heartbeat_interval_ms=500,
     )  # fmt: skip
-    items = images(128, seed=5)
+    items = images(256, seed=5)
     worker = WorkerProcess(settings, tmp_path / "w.log")
     out = Outputs(settings)
     try:
@@ -278,7 +279,7 @@ def test_slow_batches_cause_no_rebalance(settings_factory, b32_clip_dir, policy_
         assert worker.count("partitions_assigned") == 1
         assert worker.count("partitions_revoked") == 0 and worker.count("partitions_lost") == 0
         counts = collections.Counter(out.ids("decisions"))
-        assert len(counts) == 128 and set(counts.values()) == {1}
+        assert len(counts) == 256 and set(counts.values()) == {1}
     finally:
         out.close()
         worker.signal(signal.SIGTERM)
@@ -307,8 +308,14 @@ def test_readiness_and_metrics(worker_settings, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         for metric in ("moderator_events_total 1.0", "moderator_decisions_total", "moderator_batch_size_bucket",
-                       'moderator_stage_seconds_count{stage="model"}', "moderator_in_flight_events 0.0"):  # fmt: skip
+                       "moderator_in_flight_events 0.0"):  # fmt: skip
             assert metric in text, metric
+        counts = {m.group(1): float(m.group(2))
+                  for m in re.finditer(r'moderator_stage_seconds_count\{stage="(\w+)"\} (\S+)', text)}  # fmt: skip
+        assert counts["decode"] == counts["preprocess"] == 1.0, counts  # per image
+        for stage in ("transfer", "forward", "score", "publish", "produce"):  # per batch / per record
+            assert counts.get(stage, 0) >= 1, (stage, counts)
+        assert "fetch" not in counts, counts  # inline image: nothing fetched
     finally:
         worker.signal(signal.SIGTERM)
         assert worker.wait(60) == 0, worker.tail()
