@@ -9,16 +9,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from moderator import stack
 from moderator.config import ConfigError, Settings, load_settings
 from moderator.observability import configure_logging, get_logger
 
 log = get_logger(__name__)
-
-# The reference zero-shot pipeline's default template; `classify --label` uses it too, so that its
-# scores are the pipeline's scores.
-PIPELINE_TEMPLATE = "This is a photo of {}."
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -32,7 +29,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from moderator.clip import ClipEngine, zero_shot_probs
+    from moderator.clip import PIPELINE_TEMPLATE, ClipEngine, zero_shot_probs
     from moderator.embedding_cache import TextEncoder, cache_from_settings
     from moderator.images import ImageError, ImageLimits, ImageLoader
 
@@ -48,7 +45,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
         policy = compile_policy(load_spec(Path(args.policy)), encoder, args.policy)
     else:
-        prompts = [args.template.replace("{}", lb) if "{}" in args.template else lb for lb in args.label]
+        template = args.template or PIPELINE_TEMPLATE
+        prompts = [template.replace("{}", lb) if "{}" in template else lb for lb in args.label]
         text = torch.from_numpy(encoder.encode(prompts)).to(engine.device)
     loader = ImageLoader(ImageLimits.from_settings(settings), engine.spec, settings.decode_threads)
     failed = 0
@@ -324,6 +322,54 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moderator.bench import cmd_bench as run
+
+    return run(args)
+
+
+def _bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="reference pipeline vs engine vs worker vs ceiling, side by side: a table and a JSON file",
+        description="Runs every contender in one process on the same weights and images; see benchmarks/README.md.",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer images, one load level, no sweeps")
+    p.add_argument("--arch", default="ViT-B/32", help="ViT-B/32 | ViT-B/16 | ViT-L/14 | tiny (default ViT-B/32)")
+    p.add_argument("--model", help="a checkpoint (a hub id in the local cache, or a directory) instead of --arch's")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--images",
+        type=int,
+        help="images through the engine and the worker (default 384, quick 256; CUDA 4096, quick 1024)",
+    )
+    p.add_argument("--distinct", type=int, default=128, help="distinct generated JPEGs, cycled (default 128)")
+    p.add_argument("--sizes", default="640x480", help="size mix, e.g. 640x480:3,1280x720:1,320x240:1")
+    p.add_argument("--source", choices=["inline", "url"], default="inline", help="url: served by a local HTTP server")
+    p.add_argument("--prompts", type=int, default=12, help="prompts in the benchmark policy (default 12)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=20.0)
+    p.add_argument("--decode-threads", type=int, default=0, help="default: the core count")
+    p.add_argument("--decode-schedule", choices=["auto", "overlap", "before_forward"], default="auto",
+                   help="when images are decoded (MODERATOR_DECODE_SCHEDULE; auto: before_forward on CPU)")  # fmt: skip
+    p.add_argument("--reference-images", type=int, help="images through the reference (default 24; CUDA 64)")
+    p.add_argument("--contenders", default="reference,engine,worker,ceiling")
+    p.add_argument("--feed", choices=["kafka", "queue"], default="kafka",
+                   help="queue: the worker fed from an in-process queue, for machines without Kafka")  # fmt: skip
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the benchmark's images topic")
+    p.add_argument("--kafka", dest="kafka_bootstrap", help="an existing broker (host:port) instead of a local stack")
+    p.add_argument("--kafka-api-version", help='with --kafka, for brokers that cannot be probed ("0.9")')
+    p.add_argument("--redis", dest="redis_url", help="an existing Redis (URL) instead of a local one")
+    p.add_argument("--load", help="offered loads in %% of the measured maximum (default 25,50,75,100; quick 50)")
+    p.add_argument("--load-seconds", type=float, help="seconds per load level (default 15; CUDA 10; quick 6)")
+    p.add_argument("--sweep-batch", help="batch sizes (default 1,8,16,32,64; CUDA 32,64,128,256,512)")
+    p.add_argument("--sweep-prompts", help="prompt counts (default 12,48,192,768)")
+    p.add_argument("--no-sweeps", action="store_true", help="no batch or prompt sweeps (--quick implies it)")
+    p.add_argument("--json", dest="json_path", help="report path (default bench-<arch>-<device>.json; - = stdout)")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moderator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
     p.add_argument("--label", action="append", default=[], help="a candidate label; repeat for more")
-    p.add_argument("--template", default=PIPELINE_TEMPLATE, help="prompt template ({} = the label)")
+    p.add_argument(
+        "--template", help="prompt template, {} = the label (default: the pipeline's, This is a photo of {}.)"
+    )
     p.set_defaults(func=cmd_classify)
 
     p.add_argument("--policy", help="a policy file: print one decision per image instead of label scores")
@@ -378,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="JSON schemas of the input event and every output record")
     p.add_argument("name", nargs="?", choices=["ImageEvent", "DecisionRecord", "ReviewItem", "DeadLetter"])
     p.set_defaults(func=cmd_schema)
+
+    _bench_parser(sub)
 
     p = sub.add_parser("models", help="the supported checkpoints and whether each is available locally")
     p.set_defaults(func=cmd_models)

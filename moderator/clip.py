@@ -314,6 +314,11 @@ class ClipEngine:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
+# The reference zero-shot pipeline's default hypothesis template: `classify --label` and the
+# benchmark's policy use it too, so that their scores are the pipeline's scores.
+PIPELINE_TEMPLATE = "This is a photo of {}."
+
+
 def zero_shot_probs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """softmax(logit_scale · cos) over the candidate texts, as the reference pipeline computes it."""
     logits = logit_scale * (image_embeds.float() @ text_embeds.float().T)

@@ -1,0 +1,127 @@
+"""`moderator bench` end to end: through the real Kafka and Redis, from the command line, and the
+GPU script run on the CPU. The tiny model keeps it fast; what is checked is that every figure is
+there, measured, and consistent, never how fast anything was."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moderator.bench import BenchOptions, render_table, run_bench
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE_STAGES = {"decode", "preprocess", "transfer", "forward", "score", "publish", "produce"}
+
+
+def _check_contender_rates(report: dict) -> None:
+    rates = {k: v["images_per_s"] for k, v in report["contenders"].items()}
+    assert all(r > 0 for r in rates.values()), rates
+    for name, value in report["ratios"].items():
+        a, b = name.split("_over_")
+        assert value == pytest.approx(rates[a] / rates[b], rel=0.01, abs=1e-3), name
+
+
+def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_clip_dir):
+    opts = BenchOptions(
+        arch="tiny", model=str(tiny_clip_dir), images=96, distinct=16, batch=16, reference_images=4,
+        ceiling_batches=2, load_levels=(50,), load_seconds=2, kafka_bootstrap=kafka_service.bootstrap_servers,
+        kafka_api_version=kafka_service.api_version, redis_url=redis_service.url, sweep_batch=(8,),
+        sweep_prompts=(4, 20),
+    )  # fmt: skip
+    report = run_bench(opts, create_topics=kafka_service.create_topics)
+    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling"}
+    _check_contender_rates(report)
+    assert set(report["ratios"]) >= {"worker_over_ceiling", "worker_over_reference", "engine_over_reference"}
+
+    worker = report["contenders"]["worker"]
+    assert worker["feed"] == "kafka" and worker["images"] == 96 and worker["partitions"] == 4
+    stages = worker["stages"]
+    assert set(stages) >= PIPELINE_STAGES and "fetch" not in stages, stages
+    assert stages["decode"]["count"] == stages["preprocess"]["count"] == 96  # each event decoded once
+    assert 96 // 16 <= stages["forward"]["count"] <= 96
+    # A decision per event (plus review items); an ack may come after the decision was read.
+    assert stages["produce"]["count"] >= 96 - 16
+    [load] = worker["latency"]
+    assert load["load_pct"] == 50 and load["decided"] == load["events"] >= 10
+    assert load["p50_ms"] <= load["p95_ms"] <= load["p99_ms"] <= load["max_ms"]
+
+    engine = report["contenders"]["engine"]
+    assert engine["decode"] == "before_forward"  # the CPU's schedule, as the worker's
+    assert {"decode", "preprocess", "transfer", "forward", "score"} <= set(engine["stages"])
+    assert report["contenders"]["reference"]["max_abs_probability_difference_vs_engine"] < 1e-4
+    assert len(report["contenders"]["ceiling"]["slices_images_per_s"]) == 3
+    assert report["inputs"]["prompts"] == 12 and report["model"]["random_init"]
+
+    [batch] = report["sweeps"]["batch"]
+    assert batch["batch"] == 8 and batch["engine_images_per_s"] > 0 and batch["ceiling_images_per_s"] > 0
+    small, large = report["sweeps"]["prompts"]
+    assert (small["prompts"], large["prompts"]) == (4, 20)
+    assert small["texts_encoded_first"] == 0  # its 4 prompts are among the 12 already compiled
+    assert large["texts_encoded_first"] == 8 and large["texts_encoded_again"] == 0  # the text cache at work
+
+    table = render_table(report)
+    for name in ("reference", "engine", "worker", "ceiling", "latency vs offered load", "throughput vs prompts"):
+        assert name in table
+    json.dumps(report)  # every figure is plain JSON
+
+
+def test_bench_url_source_through_the_in_process_feed(tiny_clip_dir):
+    opts = BenchOptions(
+        arch="tiny", model=str(tiny_clip_dir), images=48, distinct=8, batch=8, source="url", feed="queue",
+        contenders=("engine", "worker"), load_levels=(50,), load_seconds=1,
+    )  # fmt: skip
+    report = run_bench(opts)
+    worker = report["contenders"]["worker"]
+    assert worker["feed"] == "queue"
+    assert worker["stages"]["fetch"]["count"] == 48  # every image fetched from the local HTTP server
+    assert worker["latency"][0]["decided"] == worker["latency"][0]["events"]
+    assert any("in-process queue" in note for note in report["notes"])
+    assert "ceiling" not in report["contenders"] and "worker_over_ceiling" not in report["ratios"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    # The random-init tiny checkpoint is built into this cache (not the user's).
+    return {**os.environ, "MODERATOR_STACK_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_bench_command_line(tmp_path):
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "moderator.cli", "bench", "--quick", "--arch", "tiny", "--feed", "queue",
+         "--contenders", "engine,worker,ceiling", "--images", "48", "--batch", "8", "--load-seconds", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=_env(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["images"] == 48 and report["model"]["architecture"] == "tiny"
+    assert report["wall_s"] > 0 and not report["sweeps"]  # --quick: no sweeps
+    _check_contender_rates(report)
+    assert "worker" in done.stdout and "ceiling" in done.stdout and str(out) in done.stdout
+
+    bad = subprocess.run([sys.executable, "-m", "moderator.cli", "bench", "--sizes", "640"],
+                         capture_output=True, text=True, timeout=120, env=_env(tmp_path))  # fmt: skip
+    assert bad.returncode == 2 and "bad size '640'" in bad.stderr
+
+
+def test_gpu_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh as on a GPU machine without Kafka, with the device and model overridden."""
+    env = _env(tmp_path) | {
+        "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "BENCH_DEVICE": "cpu", "BENCH_DTYPE": "float32",
+        "BENCH_ARCHS": "tiny", "BENCH_BATCH": "8",
+        "BENCH_ARGS": "--quick --images 32 --reference-images 2 --load-seconds 1",
+    }  # fmt: skip
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-tiny.json").read_text())
+    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling"}
+    assert report["contenders"]["worker"]["feed"] == "queue"
+    assert any("in-process queue" in note for note in report["notes"])
+    assert report["machine"]["device"] == "cpu" and report["config"]["batch"] == 8
+    assert "in-process queue" in (tmp_path / "out" / "gpu-tiny.txt").read_text()

@@ -1,0 +1,217 @@
+"""The benchmark's pure parts: inputs, policy, accounting, ratios, the table, the in-process feed."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from kafka import TopicPartition
+from kafka.structs import MemberState, OffsetAndMetadata
+from PIL import Image
+
+from moderator.bench import (
+    _SUBJECTS,
+    BenchError,
+    QueueFeed,
+    bench_policy,
+    make_images,
+    parse_ints,
+    parse_sizes,
+    percentiles,
+    prompt_bank,
+    ratios,
+    render_table,
+    size_plan,
+    stage_breakdown,
+)
+from moderator.pipeline import decode_before_forward
+from moderator.policy import build_tables
+from moderator.testing import VOCABULARY_WORDS, build_tokenizer
+
+
+def test_size_mix_parses_and_keeps_its_proportions():
+    assert parse_sizes("640x480") == ((640, 480, 1),)
+    sizes = parse_sizes("640x480:3, 1280x720:1")
+    assert sizes == ((640, 480, 3), (1280, 720, 1))
+    plan = size_plan(sizes, 400)
+    assert plan.count((640, 480)) == 300 and plan.count((1280, 720)) == 100
+    for bad in ("640", "640x", "x480", "640x480:0", "0x480", "640x480:a", "640*480"):
+        with pytest.raises(BenchError):
+            parse_sizes(bad)
+    assert parse_ints("25, 50,100") == (25, 50, 100)
+    for bad in ("25,a", "0", "-5"):
+        with pytest.raises(BenchError):
+            parse_ints(bad)
+
+
+def test_generated_images_are_photo_like_jpegs_of_the_mix():
+    images = make_images(parse_sizes("64x48:2,40x90:1"), 6, seed=3, threads=2)
+    assert len(set(images)) == 6  # all distinct
+    sizes = [Image.open(io.BytesIO(d)).size for d in images]
+    assert sizes == [(64, 48), (64, 48), (40, 90)] * 2
+    assert all(Image.open(io.BytesIO(d)).format == "JPEG" for d in images)
+    # Photo-like: compresses like a photo, far from flat colour (tiny) and from noise (huge).
+    big = make_images(parse_sizes("640x480"), 2, seed=0)
+    assert all(15_000 < len(d) < 150_000 for d in big), [len(d) for d in big]
+
+
+def test_prompt_bank_is_distinct_plain_language_in_the_test_vocabulary():
+    bank = prompt_bank(1080)
+    assert len(set(bank)) == 1080
+    assert prompt_bank(40) == list(_SUBJECTS)  # the first ones: every subject, plain
+    words = {w for p in bank for w in re.findall(r"[a-z]+", p)}
+    assert words <= set(VOCABULARY_WORDS), sorted(words - set(VOCABULARY_WORDS))
+    with pytest.raises(BenchError):
+        prompt_bank(1081)
+
+
+def test_vocabulary_words_tokenize_about_as_real_clip_does():
+    tok = build_tokenizer()
+    ids = tok(["a photo of a dog", "pills on a table"])["input_ids"]
+    assert [len(i) for i in ids] == [7, 6]  # start + one token per word + end
+    assert all(len(tok(w)["input_ids"]) == 3 for w in VOCABULARY_WORDS)  # start, the word, end
+    unknown = tok(["zqxj"])["input_ids"][0]
+    assert len(unknown) == 6  # anything else: a token per character
+    assert tok.decode(ids[0], skip_special_tokens=True).strip() == "a photo of a dog"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 12, 13, 100])
+def test_bench_policy_holds_exactly_the_prompts(n):
+    texts = prompt_bank(n)
+    spec = bench_policy(texts)
+    assert spec.templates == ["This is a photo of {}."]  # the reference pipeline's default template
+    got, tables = build_tables(spec)
+    assert sorted(got) == sorted(texts)
+    assert tables.positive.any(dim=1).all()  # every category has descriptions
+    with pytest.raises(BenchError):
+        bench_policy([])
+
+
+def test_stage_breakdown_is_the_difference_per_image():
+    before = {"decode": (10.0, 1.0), "forward": (2.0, 4.0), "fetch": (5.0, 1.0)}
+    after = {"decode": (42.0, 1.8), "forward": (3.0, 6.0), "fetch": (5.0, 1.0), "publish": (1.0, 0.01)}
+    out = stage_breakdown(before, after, images=32)
+    assert set(out) == {"decode", "forward", "publish"}  # fetch did not move
+    assert out["decode"] == {"count": 32, "seconds": 0.8, "ms_per_image": 25.0}
+    assert out["forward"]["ms_per_image"] == pytest.approx(62.5)
+    assert list(out) == ["decode", "forward", "publish"]  # pipeline order
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    seconds = rng.exponential(0.1, size=1000)
+    out = percentiles(seconds)
+    for q in (50, 95, 99):
+        assert out[f"p{q}_ms"] == pytest.approx(np.percentile(seconds * 1000, q), abs=0.05)
+    assert out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] <= out["max_ms"]
+    assert percentiles([]) == {}
+
+
+def _report() -> dict:
+    return {
+        "config": {"batch": 32},
+        "machine": {"device": "cpu"},
+        "model": {"architecture": "ViT-B/32", "random_init": True, "id": "x", "dtype": "float32"},
+        "inputs": {"prompts": 12, "mean_prompt_tokens": 6.0, "sizes": ["640x480"], "mean_jpeg_bytes": 41000,
+                   "source": "inline"},
+        "contenders": {
+            "reference": {"images_per_s": 5.0},
+            "engine": {"images_per_s": 40.0, "stages": {"forward": {"ms_per_image": 20.0}}},
+            "worker": {"images_per_s": 36.0, "feed": "kafka", "model_share_of_wall": 0.9,
+                       "stages": {"decode": {"ms_per_image": 1.0}},
+                       "latency": [{"load_pct": 50, "offered_per_s": 18.0, "achieved_per_s": 18.0,
+                                    "p50_ms": 100.0, "p95_ms": 150.0, "p99_ms": 160.0}]},
+            "ceiling": {"images_per_s": 45.0},
+        },
+        "sweeps": {},
+        "notes": ["random weights"],
+    }  # fmt: skip
+
+
+def test_ratios_and_table():
+    report = _report()
+    report["ratios"] = ratios(report["contenders"])
+    assert report["ratios"] == {"worker_over_ceiling": 0.8, "worker_over_reference": 7.2,
+                                "engine_over_reference": 8.0, "engine_over_ceiling": 0.889,
+                                "worker_over_engine": 0.9}  # fmt: skip
+    table = render_table(report)
+    rows = {r[0]: r for r in (line.split() for line in table.splitlines()) if len(r) > 3 and r[1][0].isdigit()}
+    assert rows["worker"][1:4] == ["36.00", "7.20x", "0.80x"]
+    assert rows["reference"][1:4] == ["5.00", "1.00x", "0.11x"]
+    assert "p99 160.0 ms" in table and "note: random weights" in table
+    assert ratios({"engine": {"images_per_s": 10.0}}) == {}  # nothing to compare with
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-process feed speaks the part of kafka-python's API the worker uses
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.assigned: list[set] = []
+
+    async def on_partitions_assigned(self, assigned: set) -> None:
+        self.assigned.append(set(assigned))
+
+
+def test_queue_feed_delivers_in_order_and_honours_pause():
+    feed = QueueFeed("images", max_poll_records=3)
+    listener = _Listener()
+    feed.subscribe(["images"], listener=listener)
+    assert feed.partitions_for_topic("images") == {0} and feed.partitions_for_topic("other") == set()
+    for i in range(5):
+        feed.put(f"k{i}".encode(), f"v{i}".encode())
+    first = feed.poll(timeout_ms=10)
+    assert listener.assigned == [{feed.tp}] and feed.assignment() == {feed.tp}
+    assert [(r.offset, r.key) for r in first[feed.tp]] == [(0, b"k0"), (1, b"k1"), (2, b"k2")]
+    feed.pause(*feed.assignment())
+    assert feed.paused() == {feed.tp} and feed.poll(timeout_ms=10) == {}
+    feed.resume(*feed.paused())
+    assert [r.value for r in feed.poll(timeout_ms=10)[feed.tp]] == [b"v3", b"v4"]
+    assert feed.poll(timeout_ms=10) == {}
+    assert feed.group_metadata().state == MemberState.STABLE
+
+
+def test_queue_feed_acknowledges_sends_and_commits():
+    feed = QueueFeed("images")
+    acked = []
+    future = feed.send("decisions", key=b"e1", value=b"{}")
+    future.add_callback(lambda meta: acked.append("ok")).add_errback(lambda exc: acked.append("failed"))
+    assert acked == ["ok"]
+    assert [(t, k, v) for t, k, v, _ in feed.outputs_since(0, 0.01)] == [("decisions", b"e1", b"{}")]
+    assert feed.outputs_since(1, 0.01) == []
+    done = []
+    feed.commit_async({TopicPartition("images", 0): OffsetAndMetadata(7, "", -1)}, callback=lambda o, r: done.append(r))
+    assert done == [None] and feed.committed == {TopicPartition("images", 0): 7}
+
+
+def test_queue_feed_runs_the_real_rebalance_listener():
+    """The worker's own listener class is async; the feed drives it to completion."""
+    feed = QueueFeed("images")
+    calls = []
+
+    class Listener:
+        async def on_partitions_assigned(self, assigned):
+            await asyncio.sleep(0)
+            calls.append(assigned)
+
+    feed.subscribe(["images"], listener=Listener())
+    feed.poll(timeout_ms=1)
+    assert calls == [{feed.tp}]
+
+
+def test_decode_schedule_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_before_forward("auto", cpu) and not decode_before_forward("auto", cuda)
+    assert decode_before_forward("before_forward", cuda) and not decode_before_forward("overlap", cpu)
+
+
+def test_report_is_json():
+    report = _report()
+    report["ratios"] = ratios(report["contenders"])
+    assert json.loads(json.dumps(report)) == report
