@@ -28,6 +28,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -57,6 +58,7 @@ from moderator.embedding_cache import TextEncoder, cache_from_settings
 from moderator.images import ImageError, ImageLimits, ImageLoader
 from moderator.pipeline import decode_before_forward
 from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySpec, compile_policy
+from moderator.stack import LocalStack, create_topics_admin, default_cache_dir
 from moderator.testing import cached_random_checkpoint, is_random_init, jpeg_bytes, photo_like
 
 STAGES = ("fetch", "decode", "preprocess", "transfer", "forward", "score", "publish", "produce", "commit")
@@ -717,8 +719,6 @@ def _latency_phase(transport: _Transport, events: EventSource, rate: float, seco
 def resolve_model(opts: BenchOptions) -> tuple[str, str]:
     """(what to load, where the reference pipeline loads it from): the named checkpoint, the arch's
     real checkpoint when it is in the local Hugging Face cache, else random weights of the arch."""
-    from moderator.stack import default_cache_dir
-
     if opts.model:
         return opts.model, _local_path(opts.model)
     real = next((c.model_id for c in SUPPORTED_CHECKPOINTS.values() if c.architecture == opts.arch), None)
@@ -767,8 +767,6 @@ def run_bench(
     ``create_topics(names, partitions)`` makes the benchmark's topics on an existing broker
     (default: the CreateTopics API, Kafka >= 0.10.1); a local stack makes its own.
     """
-    from moderator.stack import LocalStack, create_topics_admin
-
     unknown = set(opts.contenders) - {"reference", "engine", "worker", "ceiling"}
     if unknown:
         raise BenchError(f"unknown contenders: {sorted(unknown)}")
@@ -794,33 +792,13 @@ def run_bench(
 
     stack: LocalStack | None = None
     server: ImageServer | None = None
-    limits = ImageLimits()
-    loader = ImageLoader(limits, engine.spec, opts.threads)
+    loader = ImageLoader(ImageLimits(), engine.spec, opts.threads)
     report: dict[str, Any] = {}
     try:
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {"redis_enabled": False}
         if "worker" in opts.contenders and opts.feed == "kafka":
             progress("stack")
-            if opts.kafka_bootstrap is None or opts.redis_url is None:
-                stack = LocalStack(tmp / "stack")
-                info = stack.start(kafka=opts.kafka_bootstrap is None, redis=opts.redis_url is None)
-                overrides.update(info.settings_overrides())
-            if opts.kafka_bootstrap is not None:
-                overrides.update(kafka_bootstrap_servers=opts.kafka_bootstrap, kafka_api_version=opts.kafka_api_version)
-            if opts.redis_url is not None:
-                overrides["redis_url"] = opts.redis_url
-            topics = {f"topic_{t}": f"bench-{uuid.uuid4().hex[:8]}-{t.replace('_', '-')}"
-                      for t in ("images", "decisions", "review", "dead_letters")}  # fmt: skip
-            if stack is not None and stack.kafka_running:
-                create_topics = stack.create_topics
-            elif create_topics is None:
-                bootstrap, api = overrides["kafka_bootstrap_servers"], overrides.get("kafka_api_version")
-                create_topics = lambda names, n: create_topics_admin(bootstrap, api, names, n)  # noqa: E731
-            create_topics(list(topics.values()), opts.partitions)
-            overrides.update(topics)
-            overrides.update(redis_key_prefix="moderator-bench:emb:")  # text embeddings, shared by runs
-        else:
-            overrides["redis_enabled"] = False
+            stack, overrides = _kafka_and_redis(opts, tmp / "stack", create_topics)
         if opts.source == "url":
             server = ImageServer(distinct)
             overrides["fetch_allow_networks"] = ("127.0.0.0/8",)
@@ -906,7 +884,38 @@ def run_bench(
             server.close()
         if stack is not None:
             stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _kafka_and_redis(
+    opts: BenchOptions, stack_dir: Path, create_topics: Callable[[list[str], int], None] | None
+) -> tuple[LocalStack | None, dict[str, Any]]:
+    """The worker's services: the ones named in ``opts``, a local stack for the others; fresh
+    topics. Returns the stack (to stop) and the settings that point at all of it."""
+    stack, overrides = None, {}
+    if opts.kafka_bootstrap is None or opts.redis_url is None:
+        stack = LocalStack(stack_dir)
+        info = stack.start(kafka=opts.kafka_bootstrap is None, redis=opts.redis_url is None)
+        overrides.update(info.settings_overrides())
+    if opts.kafka_bootstrap is not None:
+        overrides.update(kafka_bootstrap_servers=opts.kafka_bootstrap, kafka_api_version=opts.kafka_api_version)
+    if opts.redis_url is not None:
+        overrides["redis_url"] = opts.redis_url
+    topics = {f"topic_{t}": f"bench-{uuid.uuid4().hex[:8]}-{t.replace('_', '-')}"
+              for t in ("images", "decisions", "review", "dead_letters")}  # fmt: skip
+    if stack is not None and stack.kafka_running:
+        create_topics = stack.create_topics
+    elif create_topics is None:
+        bootstrap, api = overrides["kafka_bootstrap_servers"], overrides.get("kafka_api_version")
+        create_topics = lambda names, n: create_topics_admin(bootstrap, api, names, n)  # noqa: E731
+    try:
+        create_topics(list(topics.values()), opts.partitions)
+    except BaseException:
+        if stack is not None:
+            stack.stop()
+        raise
+    return stack, {**overrides, **topics, "redis_key_prefix": "moderator-bench:emb:"}  # embeddings shared by runs
 
 
 def _run_worker_contender(

@@ -6,11 +6,13 @@ Threads, and what each one owns:
   a stalled member), parses envelopes, hands events to the image stage, pauses the assigned
   partitions while ``max_in_flight`` events are between receipt and broker ack (backpressure),
   commits done-watermarks every ``commit_interval_ms``.
-- **image stage** (a thread pool): fetch (SSRF-safe) or take the inline bytes, decode with limits,
-  resize/crop to uint8; puts the result on the engine's queue. Decoding of the next batch overlaps
-  the model's work on the current one.
-- **engine** (one thread): the micro-batcher (size or oldest-waited deadline), the image tower, one
-  policy snapshot per batch, decisions, publishing.
+- **image stage** (a thread pool): fetch (SSRF-safe) or take the inline bytes; then, on an
+  accelerator, decode with limits and resize/crop to uint8, overlapping the model's work on the
+  current batch; puts the event on the engine's queue.
+- **engine** (one thread): the micro-batcher (size or oldest-waited deadline); on the CPU, the
+  batch's decoding on every core (``decode_schedule``: decoding beside a model that already uses
+  every core slows it more than it gains); the image tower, one policy snapshot per batch,
+  decisions, publishing.
 - **producer I/O** (kafka-python's): delivery callbacks mark an event done when every record it
   produced (decision, review item, or dead letter) is acknowledged; only then may its offset be
   committed.
@@ -189,8 +191,9 @@ class Worker:
         }
         self._pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="image")
         self._decode_slots = threading.BoundedSemaphore(settings.decode_threads)
-        self._decode_in_batch = decode_before_forward(settings.decode_schedule, engine.device)
-        self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._decoder: ThreadPoolExecutor | None = None  # set: each batch is decoded just before its forward
+        if decode_before_forward(settings.decode_schedule, engine.device):
+            self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self._ready: queue.Queue[Event | None] = queue.Queue()
         self._lock = threading.Condition()  # guards the tracker, in-flight count and failures
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -371,7 +374,8 @@ class Worker:
         self.producer.flush(timeout=max(1.0, deadline - time.monotonic()))
         committed = self.commit_sync(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=5)
         log.info(
@@ -406,7 +410,7 @@ class Worker:
             log.exception("image_stage_error", event_id=event.parsed.id)
             self._dead_letter(event, "internal_error", f"{type(exc).__name__}: {exc}")
             return
-        if self._decode_in_batch or self._decode(event):
+        if self._decoder is not None or self._decode(event):
             self._ready.put(event)
 
     def _decode(self, event: Event) -> bool:
@@ -467,7 +471,7 @@ class Worker:
                 return
 
     def _run_batch(self, events: list[Event], waited: list[float]) -> None:
-        if self._decode_in_batch:  # every core decodes the batch, then every core runs the model
+        if self._decoder is not None:  # every core decodes the batch, then every core runs the model
             good = list(self._decoder.map(self._decode, events))
             events = [e for e, ok in zip(events, good, strict=True) if ok]
             waited = [w for w, ok in zip(waited, good, strict=True) if ok]
