@@ -29,6 +29,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +39,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,14 @@ from moderator.embedding_cache import TextEncoder, cache_from_settings
 from moderator.images import ImageError, ImageLimits, ImageLoader
 from moderator.pipeline import decode_before_forward
 from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySpec, compile_policy
-from moderator.stack import LocalStack, create_topics_admin, default_cache_dir
+from moderator.stack import (
+    LocalStack,
+    create_topics_admin,
+    default_cache_dir,
+    die_with_parent_hook,
+    free_port,
+    port_open,
+)
 from moderator.testing import cached_random_checkpoint, is_random_init, jpeg_bytes, photo_like
 
 STAGES = ("fetch", "decode", "preprocess", "transfer", "forward", "score", "publish", "produce", "commit")
@@ -474,55 +482,53 @@ class QueueFeed:
 
 
 class ImageServer:
-    """The benchmark's images over HTTP on loopback (``source="url"``): ``/<index>.jpg``."""
+    """The benchmark's images over HTTP on loopback (``source="url"``), ``/<index>.jpg``: Python's
+    ``http.server`` in a process of its own, as an image CDN would be, so that serving does not
+    compete with the worker for this interpreter's lock."""
 
-    def __init__(self, images: Sequence[bytes]) -> None:
-        blobs = list(images)
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                stem = self.path.strip("/").removesuffix(".jpg")
-                if not stem.isdigit() or int(stem) >= len(blobs):
-                    self.send_error(404)
-                    return
-                body = blobs[int(stem)]
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, name="bench-http", daemon=True).start()
+    def __init__(self, images: Sequence[bytes], directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, data in enumerate(images):
+            (directory / f"{i}.jpg").write_bytes(data)
+        self.port = free_port()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", str(directory)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent_hook(),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise BenchError(f"the image server (python -m http.server) did not start on port {self.port}")
+            time.sleep(0.05)
 
     def url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.port}/{index}.jpg"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 class EventSource:
-    """Event envelopes for the benchmark's images: inline (base64) or by URL."""
+    """Event envelopes for the benchmark's images: inline (base64) or by URL. Each image's part of
+    the envelope is encoded once; an event is that part and its id (plain ASCII, no escaping)."""
 
     def __init__(self, images: Sequence[bytes], source: str, server: ImageServer | None) -> None:
-        self.source = source
-        self.count = len(images)
-        self.server = server
-        self._b64 = [base64.b64encode(d).decode() for d in images] if source == "inline" else []
+        refs = (
+            [{"data": base64.b64encode(d).decode()} for d in images]
+            if source == "inline"
+            else [{"url": server.url(i)} for i in range(len(images))]  # type: ignore[union-attr]
+        )
+        self._images = [json.dumps(ref).encode() for ref in refs]
 
     def event(self, event_id: str, index: int) -> bytes:
-        i = index % self.count
-        image = {"data": self._b64[i]} if self.source == "inline" else {"url": self.server.url(i)}  # type: ignore[union-attr]
-        return json.dumps({"id": event_id, "image": image}).encode()
+        return b'{"id": "' + event_id.encode() + b'", "image": ' + self._images[index % len(self._images)] + b"}"
 
 
 class _Transport:
@@ -692,12 +698,12 @@ def _latency_phase(transport: _Transport, events: EventSource, rate: float, seco
     n = max(10, int(rate * seconds))
     sent: dict[str, float] = {}
     ids = [f"bench-{tag}-{i}" for i in range(n)]
-    payloads = [events.event(eid, i) for i, eid in enumerate(ids)]
     latencies: list[float] = []
 
     def produce() -> None:
         start = time.monotonic()
-        for i, (eid, value) in enumerate(zip(ids, payloads, strict=True)):
+        for i, eid in enumerate(ids):
+            value = events.event(eid, i)
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
             sent[eid] = time.monotonic()
             transport.send(eid, value)
@@ -800,7 +806,7 @@ def run_bench(
             progress("stack")
             stack, overrides = _kafka_and_redis(opts, tmp / "stack", create_topics)
         if opts.source == "url":
-            server = ImageServer(distinct)
+            server = ImageServer(distinct, tmp / "images")
             overrides["fetch_allow_networks"] = ("127.0.0.0/8",)
         settings = load_settings(
             **overrides, model_id=model_id, device=str(engine.device), policy_dir=policy_dir, default_policy="bench",

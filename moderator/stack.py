@@ -261,7 +261,7 @@ class _Proc:
         return cls(str(rec["name"]), int(rec["pid"]), rec.get("start_time"), Path(rec.get("log", "")))
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGKILL the child when the process that spawned it dies."""
     if not sys.platform.startswith("linux"):
         return None
@@ -291,7 +291,7 @@ def _spawn(name: str, argv: Sequence[str], *, cwd: Path, log_path: Path, die_wit
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: killed by group, not by the caller's Ctrl-C
             close_fds=True,
-            preexec_fn=_die_with_parent_hook() if die_with_parent else None,
+            preexec_fn=die_with_parent_hook() if die_with_parent else None,
         )
     proc = _Proc(name, popen.pid, proc_start_time(popen.pid), log_path, popen)
     log.info("stack process started", name=name, pid=proc.pid, log=str(log_path))
@@ -351,7 +351,7 @@ def _log_tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -531,7 +531,7 @@ def _api_tuple(api_version: str | None) -> tuple[int, ...] | None:
 def kafka_broker_ready(bootstrap: str, api_version: str | None, timeout: float = 5.0) -> bool:
     """Whether the cluster at ``bootstrap`` answers a metadata request that lists a broker."""
     host, _, port = bootstrap.split(",")[0].rpartition(":")
-    if not _port_open(host, int(port)):
+    if not port_open(host, int(port)):
         return False
     try:
         admin = _kafka_admin(bootstrap, _api_tuple(api_version), timeout)

@@ -215,3 +215,21 @@ def test_report_is_json():
     report = _report()
     report["ratios"] = ratios(report["contenders"])
     assert json.loads(json.dumps(report)) == report
+
+
+def test_event_envelopes_parse_as_the_worker_parses_them():
+    from moderator.bench import EventSource
+    from moderator.events import parse_event
+
+    images = make_images(parse_sizes("32x24"), 2)
+    inline = EventSource(images, "inline", None)
+    parsed = parse_event(b"e-3", inline.event("e-3", 3), False, 1 << 20)
+    assert parsed.id == "e-3" and parsed.data == images[1] and parsed.url is None
+
+    class Server:
+        def url(self, i: int) -> str:
+            return f"http://127.0.0.1:9/{i}.jpg"
+
+    by_url = EventSource(images, "url", Server())  # type: ignore[arg-type]
+    parsed = parse_event(b"e-4", by_url.event("e-4", 4), False, 1 << 20)
+    assert parsed.url == "http://127.0.0.1:9/0.jpg" and parsed.data is None
