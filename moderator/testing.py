@@ -19,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+try:  # the Pillow-backed image processor, as the reference pipeline resizes; releases without it have one class
+    from transformers import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover (transformers releases before the Pillow/torchvision split)
+    from transformers import CLIPImageProcessor as _ImageProcessor  # type: ignore[assignment]
 
 # Marker written next to the weights: a checkpoint made here is random, and every result says so.
 RANDOM_INIT_MARKER = "moderator_random_init.json"
@@ -218,7 +223,7 @@ def build_clip_checkpoint(
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     crop = crop_size or a["image"]
-    image_processor = CLIPImageProcessorPil(
+    image_processor = _ImageProcessor(
         size={"shortest_edge": shortest_edge or crop},
         crop_size={"height": crop, "width": crop},
         image_mean=list(image_mean),
