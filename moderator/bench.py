@@ -67,7 +67,7 @@ from moderator.stack import (
     free_port,
     port_open,
 )
-from moderator.testing import cached_random_checkpoint, is_random_init, jpeg_bytes, photo_like
+from moderator.testing import ARCHITECTURES, cached_random_checkpoint, is_random_init, jpeg_bytes, photo_like
 
 STAGES = ("fetch", "decode", "preprocess", "transfer", "forward", "score", "publish", "produce", "commit")
 ENGINE_THREAD_STAGES = ("transfer", "forward", "score", "publish")  # the model's part of the engine thread
@@ -113,6 +113,21 @@ class BenchOptions:
     @property
     def threads(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
+
+    def check(self) -> None:
+        """Raise :class:`BenchError` naming the first option that cannot work."""
+        if self.model is None and self.arch not in ARCHITECTURES:
+            raise BenchError(f"unknown architecture {self.arch!r}: one of {', '.join(ARCHITECTURES)}, or --model")
+        unknown = set(self.contenders) - {"reference", "engine", "worker", "ceiling"}
+        if unknown or not self.contenders:
+            raise BenchError(f"contenders are reference, engine, worker, ceiling; got {', '.join(self.contenders)}")
+        if self.feed not in ("kafka", "queue") or self.source not in ("inline", "url"):
+            raise BenchError("feed is kafka or queue; source is inline or url")
+        for name in ("images", "distinct", "prompts", "batch", "reference_images", "ceiling_batches", "partitions"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name.replace('_', '-')} must be at least 1")
+        if self.load_seconds <= 0 or self.decode_threads < 0 or self.max_delay_ms < 0:
+            raise BenchError("load-seconds must be positive, decode-threads and max-delay-ms not negative")
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -773,11 +788,7 @@ def run_bench(
     ``create_topics(names, partitions)`` makes the benchmark's topics on an existing broker
     (default: the CreateTopics API, Kafka >= 0.10.1); a local stack makes its own.
     """
-    unknown = set(opts.contenders) - {"reference", "engine", "worker", "ceiling"}
-    if unknown:
-        raise BenchError(f"unknown contenders: {sorted(unknown)}")
-    if opts.feed not in ("kafka", "queue") or opts.source not in ("inline", "url"):
-        raise BenchError("feed is kafka or queue; source is inline or url")
+    opts.check()
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="moderator-bench-"))
     progress("model")

@@ -233,3 +233,25 @@ def test_event_envelopes_parse_as_the_worker_parses_them():
     by_url = EventSource(images, "url", Server())  # type: ignore[arg-type]
     parsed = parse_event(b"e-4", by_url.event("e-4", 4), False, 1 << 20)
     assert parsed.url == "http://127.0.0.1:9/0.jpg" and parsed.data is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arch": "ViT-H/14"}, "unknown architecture"),
+        ({"contenders": ("engine", "speed")}, "contenders are"),
+        ({"contenders": ()}, "contenders are"),
+        ({"feed": "pigeon"}, "feed is kafka or queue"),
+        ({"images": 0}, "images must be at least 1"),
+        ({"reference_images": 0}, "reference-images must be at least 1"),
+        ({"load_seconds": 0}, "load-seconds must be positive"),
+    ],
+)
+def test_options_that_cannot_work_are_refused(change, message):
+    from dataclasses import replace
+
+    from moderator.bench import BenchOptions
+
+    BenchOptions().check()
+    with pytest.raises(BenchError, match=message):
+        replace(BenchOptions(), **change).check()
