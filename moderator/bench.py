@@ -831,12 +831,13 @@ def run_bench(
         policy = compile_policy(bench_policy(texts), encoder)
         compile_s = time.perf_counter() - t0
 
+        sizes = [f"{w}x{h}" + (f":{k}" if len(opts.sizes) > 1 else "") for w, h, k in opts.sizes]
         report = {
             "config": {k: v for k, v in asdict(opts).items() if k not in ("kafka_bootstrap", "redis_url")},
             "machine": _machine(engine),
             "model": {"id": model_id, "fingerprint": engine.fingerprint, "architecture": opts.arch,
                       "random_init": random_init, "dtype": str(engine.dtype).removeprefix("torch.")},
-            "inputs": {"sizes": [f"{w}x{h}:{k}" for w, h, k in opts.sizes], "distinct_images": len(distinct),
+            "inputs": {"sizes": sizes, "distinct_images": len(distinct),
                        "mean_jpeg_bytes": int(np.mean([len(d) for d in distinct])), "source": opts.source,
                        "prompts": len(texts), "prompt_template": PIPELINE_TEMPLATE,
                        "mean_prompt_tokens": prompt_tokens(engine, [PIPELINE_TEMPLATE.format(t) for t in texts]),
