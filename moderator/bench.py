@@ -52,6 +52,7 @@ from moderator.clip import (
     SUPPORTED_CHECKPOINTS,
     ClipEngine,
     checkpoint_available,
+    synchronize,
     zero_shot_probs,
 )
 from moderator.config import Settings, load_settings
@@ -281,21 +282,16 @@ class Result:
                 "seconds": round(self.seconds, 3), **self.extra}  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_ceiling(engine: ClipEngine, pixels: np.ndarray, batches: int) -> Result:
     """The bare image tower on a pre-made, normalized device tensor of one batch, ``batches`` times."""
     with torch.inference_mode():
         x = engine.pixel_values(pixels).to(engine.dtype)
         engine.model.get_image_features(pixel_values=x)  # warm-up at this shape
-        _sync(engine.device)
+        synchronize(engine.device)
         t0 = time.perf_counter()
         for _ in range(batches):
             engine.model.get_image_features(pixel_values=x)
-        _sync(engine.device)
+        synchronize(engine.device)
         seconds = time.perf_counter() - t0
     return Result(batches * len(pixels), seconds, {"batch": len(pixels)})
 
@@ -359,10 +355,10 @@ def run_reference(pipe: Any, device: torch.device, images: Sequence[bytes], text
         return {r["label"]: float(r["score"]) for r in out}
 
     call(images[0])  # warm-up
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     scores = [call(d) for d in images]
-    _sync(device)
+    synchronize(device)
     return Result(len(images), time.perf_counter() - t0, {"scores": scores})
 
 
@@ -547,9 +543,12 @@ class EventSource:
 
 
 class _Transport:
-    """How the benchmark puts events in and sees decisions come out, for one worker."""
+    """How the benchmark puts events in and sees the worker's records come out."""
 
     name = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     def send(self, event_id: str, value: bytes) -> None:
         raise NotImplementedError
@@ -557,13 +556,36 @@ class _Transport:
     def flush(self) -> None:
         pass
 
-    def collect(self, ids: set[str], timeout: float, on_decision: Callable[[str, float], None]) -> dict[str, str]:
-        """Call ``on_decision(id, time)`` for each decision of ``ids`` until all came (or the
-        timeout); return the dead letters among them (id -> reason)."""
+    def fresh(self) -> list[tuple[str, bytes | None, bytes, float]]:
+        """Output records not seen yet (topic, key, value, when seen), waiting briefly for some."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
+
+    def collect(
+        self, ids: set[str], timeout: float, on_decision: Callable[[str, float], None], alive: Callable[[], bool]
+    ) -> None:
+        """Call ``on_decision(id, time)`` for each decision of ``ids`` until all came; raise
+        :class:`BenchError` if any was dead-lettered, or the worker stopped, or ``timeout`` passed."""
+        left, dead = set(ids), {}
+        deadline = time.monotonic() + timeout
+        while left and time.monotonic() < deadline and alive():
+            for topic, key, value, t in self.fresh():
+                eid = (key or b"").decode()
+                if eid not in left or topic not in (self.settings.topic_decisions, self.settings.topic_dead_letters):
+                    continue
+                left.discard(eid)
+                if topic == self.settings.topic_dead_letters:
+                    dead[eid] = json.loads(value).get("reason", "?")
+                else:
+                    on_decision(eid, t)
+        if dead:
+            first = next(iter(dead.items()))
+            raise BenchError(f"{len(dead)} benchmark events were dead-lettered (e.g. {first[0]}: {first[1]})")
+        if left:
+            why = "the worker stopped (see its log above)" if not alive() else f"none within {timeout:.0f} s"
+            raise BenchError(f"{len(left)} of {len(ids)} benchmark events got no decision: {why}")
 
 
 class _KafkaTransport(_Transport):
@@ -574,7 +596,7 @@ class _KafkaTransport(_Transport):
 
         from moderator.pipeline import make_producer
 
-        self.settings = settings
+        super().__init__(settings)
         self.producer = make_producer(settings, max_request_size=32 << 20)
         self.consumer = KafkaConsumer(**settings.kafka_common(), group_id=None, enable_auto_commit=False)
         parts = [
@@ -591,22 +613,10 @@ class _KafkaTransport(_Transport):
     def flush(self) -> None:
         self.producer.flush()
 
-    def collect(self, ids: set[str], timeout: float, on_decision: Callable[[str, float], None]) -> dict[str, str]:
-        left, dead = set(ids), {}
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            for tp, records in self.consumer.poll(timeout_ms=100).items():
-                now = time.monotonic()
-                for r in records:
-                    eid = (r.key or b"").decode()
-                    if eid not in left:
-                        continue
-                    left.discard(eid)
-                    if tp.topic == self.settings.topic_dead_letters:
-                        dead[eid] = json.loads(r.value).get("reason", "?")
-                    else:
-                        on_decision(eid, now)
-        return dead
+    def fresh(self) -> list[tuple[str, bytes | None, bytes, float]]:
+        batches = self.consumer.poll(timeout_ms=100)
+        now = time.monotonic()
+        return [(tp.topic, r.key, r.value or b"", now) for tp, records in batches.items() for r in records]
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -617,36 +627,17 @@ class _QueueTransport(_Transport):
     name = "queue"
 
     def __init__(self, settings: Settings, feed: QueueFeed) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.feed = feed
         self._seen = 0  # outputs already looked at
 
     def send(self, event_id: str, value: bytes) -> None:
         self.feed.put(event_id.encode(), value)
 
-    def collect(self, ids: set[str], timeout: float, on_decision: Callable[[str, float], None]) -> dict[str, str]:
-        left, dead = set(ids), {}
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            fresh = self.feed.outputs_since(self._seen, 0.1)
-            self._seen += len(fresh)
-            for topic, key, value, t in fresh:
-                eid = (key or b"").decode()
-                if eid not in left or topic not in (self.settings.topic_decisions, self.settings.topic_dead_letters):
-                    continue
-                left.discard(eid)
-                if topic == self.settings.topic_dead_letters:
-                    dead[eid] = json.loads(value).get("reason", "?")
-                else:
-                    on_decision(eid, t)
-        return dead
-
-
-def _wait_for(ids: set[str], transport: _Transport, timeout: float, record: Callable[[str, float], None]) -> None:
-    dead = transport.collect(ids, timeout, record)
-    if dead:
-        first = next(iter(dead.items()))
-        raise BenchError(f"{len(dead)} benchmark events were dead-lettered (e.g. {first[0]}: {first[1]})")
+    def fresh(self) -> list[tuple[str, bytes | None, bytes, float]]:
+        out = self.feed.outputs_since(self._seen, 0.1)
+        self._seen += len(out)
+        return out
 
 
 def run_worker(
@@ -676,9 +667,7 @@ def run_worker(
         if not worker.assigned.wait(120):
             raise BenchError("the worker got no partitions within 120 s (is the broker healthy?)")
         before, t0 = stage_totals(), time.monotonic()
-        _wait_for(set(backlog), transport, 120.0 + 2 * n_events, lambda eid, t: decided.__setitem__(eid, t))
-        if len(decided) < n_events:
-            raise BenchError(f"only {len(decided)} of {n_events} decisions arrived in time")
+        transport.collect(set(backlog), 120.0 + 2 * n_events, decided.__setitem__, thread.is_alive)
         after = stage_totals()
         times = sorted(decided.values())
         wall = times[-1] - t0
@@ -690,13 +679,11 @@ def run_worker(
         throughput = (n_events - first) / (times[-1] - times[first - 1]) if steady else n_events / wall
         stages = stage_breakdown(before, after, n_events)
         model_share = sum(stages.get(s, {}).get("seconds", 0.0) for s in ENGINE_THREAD_STAGES) / wall
-        loads = [
-            {
-                "load_pct": pct,
-                **_latency_phase(transport, events, throughput * pct / 100, load_seconds, f"{run_id}-{pct}"),
-            }
-            for pct in load_levels
-        ]
+        loads = []
+        for pct in load_levels:
+            rate = throughput * pct / 100
+            phase = _latency_phase(transport, events, rate, load_seconds, f"{run_id}-{pct}", thread.is_alive)
+            loads.append({"load_pct": pct, **phase})
     finally:
         worker.stop("benchmark done")
         thread.join(60)
@@ -708,7 +695,9 @@ def run_worker(
     }  # fmt: skip
 
 
-def _latency_phase(transport: _Transport, events: EventSource, rate: float, seconds: float, tag: str) -> dict[str, Any]:
+def _latency_phase(
+    transport: _Transport, events: EventSource, rate: float, seconds: float, tag: str, alive: Callable[[], bool]
+) -> dict[str, Any]:
     """Events at a fixed rate for ``seconds``; produce-to-decision latency of each."""
     n = max(10, int(rate * seconds))
     sent: dict[str, float] = {}
@@ -727,7 +716,7 @@ def _latency_phase(transport: _Transport, events: EventSource, rate: float, seco
     producer = threading.Thread(target=produce, name="bench-producer", daemon=True)
     t0 = time.monotonic()
     producer.start()
-    _wait_for(set(ids), transport, seconds + 120, lambda eid, t: latencies.append(t - sent[eid]))
+    transport.collect(set(ids), seconds + 120, lambda eid, t: latencies.append(t - sent[eid]), alive)
     producer.join()
     return {"offered_per_s": round(rate, 2), "events": n, "decided": len(latencies),
             "achieved_per_s": round(len(latencies) / (time.monotonic() - t0), 2), **percentiles(latencies)}  # fmt: skip

@@ -67,6 +67,12 @@ SUPPORTED_CHECKPOINTS: dict[str, CheckpointInfo] = {
 }
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,10 +268,6 @@ class ClipEngine:
         x = x.permute(0, 3, 1, 2).float()
         return x * self._scale + self._shift
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @torch.inference_mode()
     def encode_images(self, batch: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocessed uint8 images to L2-normalized float32 embeddings ``[B, D]`` on the device.
@@ -280,11 +282,11 @@ class ClipEngine:
         for i in range(0, len(arr), self.max_batch_size):
             t0 = time.perf_counter()
             pixels = self.pixel_values(arr[i : i + self.max_batch_size]).to(self.dtype)
-            self._sync()
+            synchronize(self.device)
             t1 = time.perf_counter()
             feats = self.model.get_image_features(pixel_values=pixels).pooler_output
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
-            self._sync()
+            synchronize(self.device)
             STAGE_SECONDS.labels(stage="transfer").observe(t1 - t0)
             STAGE_SECONDS.labels(stage="forward").observe(time.perf_counter() - t1)
         IMAGES_ENCODED.inc(len(arr))

@@ -255,3 +255,26 @@ def test_options_that_cannot_work_are_refused(change, message):
     BenchOptions().check()
     with pytest.raises(BenchError, match=message):
         replace(BenchOptions(), **change).check()
+
+
+def test_collect_reports_decisions_and_fails_fast_on_what_went_wrong():
+    from moderator.bench import _QueueTransport
+    from moderator.config import Settings
+
+    settings = Settings()
+    feed = QueueFeed(settings.topic_images)
+    transport = _QueueTransport(settings, feed)
+    feed.send(settings.topic_decisions, key=b"a", value=b"{}")
+    feed.send(settings.topic_review, key=b"b", value=b"{}")  # not a decision: ignored
+    feed.send(settings.topic_decisions, key=b"b", value=b"{}")
+    seen: dict[str, float] = {}
+    transport.collect({"a", "b"}, 5, seen.__setitem__, lambda: True)
+    assert set(seen) == {"a", "b"}
+
+    feed.send(settings.topic_dead_letters, key=b"c", value=b'{"reason": "corrupt_image"}')
+    with pytest.raises(BenchError, match=r"dead-lettered.*corrupt_image"):
+        transport.collect({"c"}, 5, seen.__setitem__, lambda: True)
+    with pytest.raises(BenchError, match="the worker stopped"):
+        transport.collect({"d"}, 60, seen.__setitem__, lambda: False)  # returns at once, not after 60 s
+    with pytest.raises(BenchError, match=r"1 of 1 .* none within 0 s"):
+        transport.collect({"d"}, 0.2, seen.__setitem__, lambda: True)
