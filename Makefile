@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make test    install everything (venv, torch $(TORCH_VERSION), the project, redis-server, Kafka) and run all tests"
 	@echo "make demo    run the main job on a local Kafka + Redis stack"
-	@echo "make unit    unit tests only (no servers);  make lint    ruff"
+	@echo "make unit    unit tests only (no servers);  make lint    ruff and mypy"
 
 # System packages the local stack needs: redis-server and a Java runtime for Kafka.
 system-deps:
@@ -47,9 +47,10 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
-lint:
+lint: setup
 	$(BIN)/ruff check moderator tests benchmarks
 	$(BIN)/ruff format --check moderator tests benchmarks
+	$(BIN)/mypy
 
 demo: setup
 	$(BIN)/moderator demo

@@ -18,7 +18,8 @@ import numpy as np
 
 from moderator.clip import ClipEngine, zero_shot_probs
 from moderator.images import ImageLimits, load_image
-from moderator.testing import build_clip_checkpoint, jpeg_bytes, photo_like
+from moderator.random_init import build_clip_checkpoint
+from moderator.samples import jpeg_bytes, photo_like
 
 
 def main() -> None:

@@ -7,11 +7,15 @@ A bad value stops start-up with :class:`ConfigError`, whose message names the va
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from moderator.topics import TOPICS, NewTopic, check_topic_names
+from moderator.topics import spec as topic_spec
 
 ENV_PREFIX = "MODERATOR_"
 
@@ -45,10 +49,12 @@ class Settings(BaseSettings):
     kafka_ssl_password: SecretStr | None = None
     kafka_client_id: str = "moderator"
     kafka_group_id: str = "moderator"
-    topic_images: str = "images"
-    topic_decisions: str = "decisions"
-    topic_review: str = "review"
-    topic_dead_letters: str = "dead-letters"
+    # One field per topic of the registry (moderator/topics.py): topic_<key>, env MODERATOR_TOPIC_<KEY>,
+    # defaulting to the registry's name. Read them with settings.topic(key).
+    for _t in TOPICS:
+        __annotations__[_t.setting] = "str"
+        locals()[_t.setting] = Field(_t.default, description=_t.doc)
+    del _t
 
     kafka_session_timeout_ms: int = Field(10_000, ge=500, le=600_000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100, le=60_000)
@@ -64,7 +70,7 @@ class Settings(BaseSettings):
     commit_interval_ms: int = Field(1_000, ge=10, le=600_000)
     shutdown_timeout_s: float = Field(30.0, ge=0.0, le=3_600.0)
     # On a rebalance, how long to wait for in-flight events of revoked partitions before
-    # abandoning them uncommitted (capped by what the broker protocol allows: see pipeline.py).
+    # abandoning them uncommitted (capped by what the broker protocol allows: see worker/rebalance.py).
     rebalance_wait_s: float = Field(20.0, ge=0.0, le=600.0)
     review_include_flagged: bool = False  # also feed flag decisions to the review topic
     dead_letter_max_original_bytes: int = Field(1_048_576, ge=0)  # larger originals: a reference only
@@ -127,11 +133,15 @@ class Settings(BaseSettings):
     @field_validator("kafka_api_version")
     @classmethod
     def _api_version(cls, v: str | None) -> str | None:
-        if v is None or v.strip() == "" or v.strip().lower() == "auto":
-            return None
-        if not re.fullmatch(r"\d+(\.\d+){1,2}", v.strip()):
-            raise ValueError('expected a broker version such as "3.7" or "0.9", or empty to probe')
-        return v.strip()
+        version = parse_api_version(v)
+        return None if version is None else ".".join(map(str, version))
+
+    @field_validator("*")
+    @classmethod
+    def _topic_name(cls, v: object, info: ValidationInfo) -> object:
+        if info.field_name and info.field_name.startswith("topic_") and isinstance(v, str):
+            check_topic_names([v])
+        return v
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -177,40 +187,31 @@ class Settings(BaseSettings):
 
     @property
     def kafka_api_version_tuple(self) -> tuple[int, ...] | None:
-        if self.kafka_api_version is None:
-            return None
-        return tuple(int(p) for p in self.kafka_api_version.split("."))
+        return parse_api_version(self.kafka_api_version)
 
-    def kafka_common(self) -> dict[str, object]:
-        """Keyword arguments shared by every kafka-python client this process makes."""
-        common: dict[str, object] = {
-            "bootstrap_servers": self.kafka_bootstrap_servers.split(","),
-            "client_id": self.kafka_client_id,
-            "security_protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_api_version_tuple is not None:
-            common["api_version"] = self.kafka_api_version_tuple
-        if self.kafka_sasl_mechanism is not None:
-            common["sasl_mechanism"] = self.kafka_sasl_mechanism
-            common["sasl_plain_username"] = self.kafka_sasl_username
-            if self.kafka_sasl_password is not None:
-                common["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
-        for key, value in (
-            ("ssl_cafile", self.kafka_ssl_cafile),
-            ("ssl_certfile", self.kafka_ssl_certfile),
-            ("ssl_keyfile", self.kafka_ssl_keyfile),
-        ):
-            if value is not None:
-                common[key] = str(value)
-        if self.kafka_ssl_password is not None:
-            common["ssl_password"] = self.kafka_ssl_password.get_secret_value()
-        return common
+    def topic(self, key: str) -> str:
+        """The configured name of a registry topic: ``settings.topic("decisions")``."""
+        return str(getattr(self, topic_spec(key).setting))
+
+    def new_topics(self, partitions: int | None = None, keys: Iterable[str] | None = None) -> list[NewTopic]:
+        """The registry's topics (or those of ``keys``) as configured here, to create them."""
+        specs = TOPICS if keys is None else [topic_spec(k) for k in keys]
+        return [NewTopic(self.topic(t.key), partitions or t.partitions, t.compacted) for t in specs]
 
 
-def load_settings(**overrides: object) -> Settings:
+def parse_api_version(text: str | None) -> tuple[int, ...] | None:
+    """A broker protocol version: ``"0.9"`` -> ``(0, 9)``; empty, None or ``auto`` -> None (probe)."""
+    if text is None or text.strip() == "" or text.strip().lower() == "auto":
+        return None
+    if not re.fullmatch(r"\d+(\.\d+){1,2}", text.strip()):
+        raise ValueError('expected a broker version such as "3.7" or "0.9", or empty to probe')
+    return tuple(int(p) for p in text.strip().split("."))
+
+
+def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment; raise :class:`ConfigError` naming each bad variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

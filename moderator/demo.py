@@ -1,8 +1,10 @@
 """``moderator demo``: the main job end to end on a local stack, in one command.
 
-Brings up a real Kafka + Redis (``stack.py``), publishes a small set of generated sample images
-(and a few bad inputs, to show the dead-letter path), runs the worker until every event has a
-record, prints the decisions, the review feed and the dead letters, and stops everything.
+Brings up a real Kafka + Redis (``moderator.stack``), publishes a small set of generated sample
+images (and a few bad inputs, to show the dead-letter path), runs the worker until every event has a
+record, prints the decisions, the review feed and the dead letters, and stops everything. What it
+prints is for a person: a progress line and tables; the JSON logs of the stack and the worker go to
+a file it names.
 
 Model: the configured checkpoint (``MODERATOR_MODEL_ID``) when it can be loaded. When its weights
 cannot be fetched, a banner says so and a randomly initialized model of the same architecture
@@ -14,24 +16,24 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from transformers.utils import logging as hf_logging
 
+from moderator.app import App
 from moderator.clip import SUPPORTED_CHECKPOINTS, ClipEngine, ModelLoadError
 from moderator.config import Settings, load_settings
-from moderator.embedding_cache import TextEncoder, cache_from_settings
-from moderator.observability import get_logger
-from moderator.pipeline import Worker
-from moderator.policy import PolicyRegistry, compile_policy
+from moderator.observability import configure_logging
+from moderator.random_init import cached_random_checkpoint
+from moderator.samples import jpeg_bytes, photo_like
 from moderator.stack import LocalStack, default_cache_dir
-from moderator.testing import cached_random_checkpoint, jpeg_bytes, photo_like
 
-log = get_logger(__name__)
+Outputs = dict[str, dict[str, list[dict[str, Any]]]]  # topic key -> event id -> records
 
 
 def banner(lines: list[str]) -> None:
@@ -82,7 +84,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def sample_events(count: int) -> list[tuple[str, dict[str, Any] | bytes]]:
-    """Generated photo-like JPEGs, plus three bad inputs (to show dead letters)."""
+    """Generated photo-like JPEGs (most name no policy: the default decides them), plus three bad inputs."""
     events: list[tuple[str, dict[str, Any] | bytes]] = []
     sizes = [(640, 480), (480, 640), (800, 600), (1024, 768), (320, 240)]
     for i in range(count):
@@ -102,32 +104,48 @@ def sample_events(count: int) -> list[tuple[str, dict[str, Any] | bytes]]:
     return events
 
 
-def _consume_outputs(settings: Settings, want: set[str], timeout: float) -> dict[str, dict[str, list[dict]]]:
-    """Read the three output topics until every wanted event id has a decision or a dead letter."""
-    topics = {"decisions": settings.topic_decisions, "review": settings.topic_review,
-              "dead-letters": settings.topic_dead_letters}  # fmt: skip
-    consumer = KafkaConsumer(**settings.kafka_common(), group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(t, p) for t in topics.values() for p in sorted(consumer.partitions_for_topic(t) or [])]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    by_topic = {v: k for k, v in topics.items()}
-    out: dict[str, dict[str, list[dict]]] = {k: {} for k in topics}
-    deadline = time.monotonic() + timeout
+class Progress:
+    """One line a person can watch: rewritten in place on a terminal, a few lines otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.tty = sys.stdout.isatty()
+        self._last = -1
+
+    def update(self, done: int, elapsed: float) -> None:
+        step = done * 4 // max(self.total, 1)  # without a terminal: 0%, 25%, 50%, 75%, 100%
+        if not self.tty and step == self._last:
+            return
+        self._last = step
+        line = f"deciding: {done}/{self.total} events have a record ({elapsed:.1f}s)"
+        print(f"\r{line}" if self.tty else line, end="" if self.tty and done < self.total else "\n", flush=True)
+
+
+def collect_outputs(app: App, want: set[str], timeout: float, progress: Progress) -> Outputs:
+    """Read the worker's output topics until every wanted event has a decision or a dead letter."""
+    keys = ["decisions", "review", "dead_letters"]
+    by_topic = {app.settings.topic(k): k for k in keys}
+    reader = app.reader(keys)
+    out: Outputs = {k: {} for k in keys}
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     try:
         while time.monotonic() < deadline:
-            for tp, records in consumer.poll(timeout_ms=200).items():
+            for tp, records in reader.poll(timeout_ms=200).items():
                 for r in records:
                     rec = json.loads(r.value)
                     eid = rec.get("event_id") or (r.key or b"").decode()
                     out[by_topic[tp.topic]].setdefault(eid, []).append(rec)
-            if want <= set(out["decisions"]) | set(out["dead-letters"]):
+            done = want & (set(out["decisions"]) | set(out["dead_letters"]))
+            progress.update(len(done), time.monotonic() - t0)
+            if done == want:
                 break
     finally:
-        consumer.close(autocommit=False)
+        reader.close(autocommit=False)
     return out
 
 
-def print_report(ids: list[str], out: dict[str, dict[str, list[dict]]]) -> None:
+def print_report(ids: list[str], out: Outputs) -> None:
     print()
     print(f"{'event':<20} {'decision':<9} {'policy':<22} {'top category':<24} {'score':>6}  model")
     print("-" * 110)
@@ -137,8 +155,8 @@ def print_report(ids: list[str], out: dict[str, dict[str, list[dict]]]) -> None:
             top = max(d["scores"].items(), key=lambda kv: kv[1])
             print(f"{eid:<20} {d['decision']:<9} {d['policy']['name']:<22} {top[0]:<24} {top[1]:>6.3f}  "
                   f"{d['model'][:40]}")  # fmt: skip
-        elif eid in out["dead-letters"]:
-            dl = out["dead-letters"][eid][-1]
+        elif eid in out["dead_letters"]:
+            dl = out["dead_letters"][eid][-1]
             print(f"{eid:<20} {'DEAD':<9} {'-':<22} {dl['reason']:<24} {'':>6}  {dl['message'][:40]}")
         else:
             print(f"{eid:<20} MISSING")
@@ -151,44 +169,45 @@ def print_report(ids: list[str], out: dict[str, dict[str, list[dict]]]) -> None:
     print()
 
 
-def run_demo(count: int = 24, keep_stack: bool = False) -> int:
-    settings_env = load_settings()
+def run_demo(count: int = 24, log_path: Path | None = None) -> int:
+    env = load_settings()
+    log_path = log_path or Path(tempfile.gettempdir()) / "moderator-demo.log"
+    log_path.unlink(missing_ok=True)
+    configure_logging(env.log_level, "json", "ERROR", path=log_path)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.disable_progress_bar()  # the weights load in a blink; a progress bar would only be noise
+    hf_logging.set_verbosity_error()
+    print(f"logs (JSON lines): {log_path}")
     with tempfile.TemporaryDirectory(prefix="moderator-demo-") as tmp:
         stack = LocalStack(Path(tmp) / "stack")
         print("starting a local Kafka + Redis ...", flush=True)
-        topics = [settings_env.topic_images, settings_env.topic_decisions, settings_env.topic_review,
-                  settings_env.topic_dead_letters]  # fmt: skip
-        info = stack.start(kafka=True, redis=True, topics=topics, partitions=4)
         try:
-            overrides = {**info.settings_overrides(), "kafka_group_id": "moderator-demo", "http_port": 0}
-            settings = load_settings(**overrides)
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            engine = load_demo_engine(settings)
-            encoder = TextEncoder(engine, cache_from_settings(settings, engine))
-            registry = PolicyRegistry(settings.policy_dir, lambda s, src: compile_policy(s, encoder, src),
-                                      settings.default_policy or "community-standards")  # fmt: skip
-            registry.load_initial()
-            worker = Worker(settings, engine, registry)
+            info = stack.start(kafka=True, redis=True, topics=env.new_topics())
+            settings = load_settings(**info.settings_overrides(), kafka_group_id="moderator-demo", http_port=0)
+            print(f"loading {settings.model_id} ...", flush=True)
+            app = App(settings, engine=load_demo_engine(settings))
+            policies = app.policies.current
+            print(f"policies: {', '.join(sorted(policies.policies))} (default: {policies.default})", flush=True)
+            worker = app.worker()
             thread = threading.Thread(target=lambda: worker.run(install_signals=False), name="worker")
             thread.start()
             events = sample_events(count)
-            producer = KafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=settings.idempotence)
+            producer = app.producer()
             for eid, event in events:
                 value = event if isinstance(event, bytes) else json.dumps(event).encode()
-                producer.send(settings.topic_images, key=eid.encode(), value=value)
+                producer.send(settings.topic("images"), key=eid.encode(), value=value)
             producer.flush()
             producer.close()
-            print(f"published {len(events)} events; the worker is deciding ...", flush=True)
-            t0 = time.monotonic()
+            print(f"published {len(events)} events to {settings.topic('images')}", flush=True)
             ids = [eid for eid, _ in events]
-            out = _consume_outputs(settings, set(ids), timeout=300)
+            t0 = time.monotonic()
+            out = collect_outputs(app, set(ids), 300, Progress(len(ids)))
             elapsed = time.monotonic() - t0
             worker.stop("demo done")
             thread.join(timeout=60)
             print_report(ids, out)
-            decided = sum(1 for i in ids if i in out["decisions"] or i in out["dead-letters"])
-            print(f"{decided}/{len(ids)} events have a record, in {elapsed:.1f}s; model {engine.fingerprint}")
+            decided = sum(1 for i in ids if i in out["decisions"] or i in out["dead_letters"])
+            print(f"{decided}/{len(ids)} events have a record, in {elapsed:.1f}s; model {app.engine.fingerprint}")
             return 0 if decided == len(ids) else 1
         finally:
-            if not keep_stack:
-                stack.stop()
+            stack.stop()

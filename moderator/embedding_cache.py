@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     import redis
 
     from moderator.clip import ClipEngine
-    from moderator.config import Settings
 
 log = get_logger(__name__)
 
@@ -105,8 +104,9 @@ class TextEmbeddingCache:
                 self._lru.popitem(last=False)
 
     # --- Redis, fail-open -----------------------------------------------------------------------
-    def _redis_usable(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._down_until
+    def _usable_redis(self) -> redis.Redis | None:
+        """The client, unless there is none or Redis failed less than ``retry_after_s`` ago."""
+        return self.redis if time.monotonic() >= self._down_until else None
 
     def _redis_failed(self, exc: Exception) -> None:
         TEXT_CACHE_REDIS_ERRORS.inc()
@@ -136,9 +136,10 @@ class TextEmbeddingCache:
                 TEXT_CACHE_HITS.labels(layer="memory").inc()
             else:
                 missing.append(text)
-        if missing and self._redis_usable():
+        client = self._usable_redis()
+        if missing and client is not None:
             try:
-                raws = self.redis.mget([self.key(t) for t in missing])  # type: ignore[union-attr]
+                raws = client.mget([self.key(t) for t in missing])
             except Exception as exc:  # redis errors, timeouts, connection refused
                 self._redis_failed(exc)
             else:
@@ -146,7 +147,7 @@ class TextEmbeddingCache:
                 for text, raw in zip(missing, raws, strict=True):
                     if raw is None:
                         continue
-                    vec = decode_value(raw, self.dim)
+                    vec = decode_value(raw if isinstance(raw, bytes) else raw.encode(), self.dim)
                     if vec is None:
                         TEXT_CACHE_REJECTED.inc()
                         log.warning("text_cache_value_rejected", key=self.key(text), length=len(raw))
@@ -160,9 +161,10 @@ class TextEmbeddingCache:
     def put_many(self, vectors: dict[str, np.ndarray]) -> None:
         for text, vec in vectors.items():
             self._lru_put(text, vec)
-        if vectors and self._redis_usable():
+        client = self._usable_redis()
+        if vectors and client is not None:
             try:
-                self.redis.mset({self.key(t): encode_value(v) for t, v in vectors.items()})  # type: ignore[union-attr]
+                client.mset({self.key(t): encode_value(v) for t, v in vectors.items()})
             except Exception as exc:
                 self._redis_failed(exc)
             else:
@@ -202,39 +204,3 @@ class TextEncoder:
             raise ValueError("an ensemble needs at least one text")
         means = torch.stack([chunk.mean(dim=0) for chunk in vecs.split(sizes)])
         return torch.nn.functional.normalize(means, dim=-1).numpy()
-
-
-def ensemble_texts(templates: Sequence[str], phrase: str) -> list[str]:
-    """Template × phrase: ``["a photo of {}", "an image of {}"]`` × "a cat" → two prompts."""
-    return [t.replace("{}", phrase) if "{}" in t else f"{t} {phrase}" for t in templates] if templates else [phrase]
-
-
-def make_redis(url: str, socket_timeout_ms: int, connect_timeout_ms: int) -> redis.Redis:
-    """A client whose every call fails fast: short timeouts and no retries (the cache fails open)."""
-    import redis as redis_lib
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return redis_lib.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_ms / 1000,
-        socket_connect_timeout=connect_timeout_ms / 1000,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-
-
-def cache_from_settings(settings: Settings, engine: ClipEngine) -> TextEmbeddingCache:
-    client = None
-    if settings.redis_enabled:
-        client = make_redis(
-            settings.redis_url.get_secret_value(), settings.redis_socket_timeout_ms, settings.redis_connect_timeout_ms
-        )
-    return TextEmbeddingCache(
-        engine.fingerprint,
-        engine.embed_dim,
-        client,
-        prefix=settings.redis_key_prefix,
-        lru_size=settings.text_cache_size,
-        retry_after_s=settings.redis_retry_after_s,
-    )

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moderator.errors import ReasonError
+
 Outcome = Literal["flag", "review", "allow"]
 
 
@@ -54,8 +56,8 @@ MAX_ID_LENGTH = 256
 MAX_METADATA_BYTES = 16 * 1024
 
 
-class InputError(Exception):
-    """An event that cannot be read. ``reason`` is a stable, machine-readable code."""
+class InputError(ReasonError):
+    """An event that cannot be read."""
 
     reason = "invalid_event"
 
@@ -152,8 +154,9 @@ def event_id_hint(key: bytes | None, value: bytes | None) -> str | None:
     """Best-effort id of an event that failed to parse (for its dead letter)."""
     try:
         obj = json.loads(value or b"")
-        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-            return obj["id"][:MAX_ID_LENGTH]
+        event_id = obj.get("id") if isinstance(obj, dict) else None
+        if isinstance(event_id, str):
+            return event_id[:MAX_ID_LENGTH]
     except (json.JSONDecodeError, UnicodeDecodeError):
         pass
     return key.decode("utf-8", errors="replace")[:MAX_ID_LENGTH] if key else None

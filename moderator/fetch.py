@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+from moderator.errors import ReasonError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -32,8 +34,8 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
-class FetchError(Exception):
-    """A URL that cannot be fetched. ``reason`` is a stable, machine-readable code."""
+class FetchError(ReasonError):
+    """A URL that cannot be fetched."""
 
     reason = "fetch_failed"
 
@@ -124,13 +126,14 @@ class _PinnedTLS(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._ip = ip
+        self._tls = context
 
     raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
         self.raw_sock = sock
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 class Fetcher:
@@ -171,7 +174,7 @@ class Fetcher:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError) as exc:
                 raise FetchError(f"cannot resolve {host!r}: {exc}") from None
-            addrs = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not addrs:
             raise FetchError(f"{host!r} resolves to no address")
         for ip in addrs:

@@ -20,16 +20,18 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moderator.config import Settings
+from moderator.errors import ReasonError
 from moderator.observability import IMAGE_ERRORS, STAGE_SECONDS
 
 
-class ImageError(Exception):
-    """An input that cannot become model input. ``reason`` is a stable, machine-readable code."""
+class ImageError(ReasonError):
+    """An input that cannot become model input."""
 
     reason = "bad_image"
 
@@ -91,8 +93,9 @@ class PreprocessSpec:
         raise ValueError("image processor has neither a crop size nor a fixed resize size")
 
     @classmethod
-    def from_image_processor(cls, proc: object) -> PreprocessSpec:
-        """Read the spec off a ``transformers`` CLIP image processor (PIL or torchvision backend)."""
+    def from_image_processor(cls, proc: Any) -> PreprocessSpec:
+        """Read the spec off a ``transformers`` CLIP image processor (PIL or torchvision backend;
+        their classes differ across releases, so it is read by attribute)."""
         size = dict(getattr(proc, "size", None) or {})
         crop = dict(getattr(proc, "crop_size", None) or {})
         do_resize = bool(getattr(proc, "do_resize", True))
@@ -110,17 +113,17 @@ class PreprocessSpec:
             resample = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}.get(
                 str(getattr(resample, "value", resample)).lower(), 3
             )
-        mean = tuple(float(x) for x in (proc.image_mean if proc.do_normalize else (0.0, 0.0, 0.0)))  # type: ignore[attr-defined]
-        std = tuple(float(x) for x in (proc.image_std if proc.do_normalize else (1.0, 1.0, 1.0)))  # type: ignore[attr-defined]
-        rescale = float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 1.0  # type: ignore[attr-defined]
+        mean = proc.image_mean if proc.do_normalize else (0.0, 0.0, 0.0)
+        std = proc.image_std if proc.do_normalize else (1.0, 1.0, 1.0)
+        rescale = float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 1.0
         return cls(
             shortest_edge=int(shortest) if shortest else None,
             resize_hw=resize_hw,
             crop_hw=crop_hw,
             resample=int(resample),
             rescale_factor=rescale,
-            mean=mean,  # type: ignore[arg-type]
-            std=std,  # type: ignore[arg-type]
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
         )
 
     def resize_target(self, width: int, height: int) -> tuple[int, int]:
@@ -160,8 +163,7 @@ def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None)
             tw, th = spec.resize_target(width, height)
             if width >= 2 * tw and height >= 2 * th:
                 img.draft("RGB", (tw, th))
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
     except Exception as exc:
@@ -261,6 +263,15 @@ class ImageLoader:
         if len(items) <= 1:
             return [self.load_one(d) for d in items]
         return list(self._pool.map(self.load_one, items))
+
+    def batch(self, items: Sequence[bytes]) -> np.ndarray:
+        """``uint8 [B, H, W, 3]`` of inputs known to be good; the first bad one raises its ImageError."""
+        out = []
+        for result in self.load_many(items):
+            if isinstance(result, ImageError):
+                raise result
+            out.append(result)
+        return np.stack(out)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

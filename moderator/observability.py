@@ -16,7 +16,8 @@ import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 from prometheus_client import (
@@ -32,45 +33,56 @@ from prometheus_client import (
 # Logging
 
 
-class _StderrLogger:
-    """Writes each line to the *current* ``sys.stderr`` (which tests and daemons may swap)."""
+class _LineLogger:
+    """Writes each line to a file, or to the *current* ``sys.stderr`` (which tests and daemons may swap)."""
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, file: TextIO | None = None) -> None:
+        self._file = file
         self._lock = threading.Lock()
 
     def msg(self, message: str) -> None:
         with self._lock:
-            print(message, file=sys.stderr, flush=True)
+            print(message, file=self._file or sys.stderr, flush=True)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto", kafka_level: str = "WARNING") -> None:
-    """Route structlog (and the standard library's logging) to stderr as JSON lines or console text."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+def configure_logging(
+    level: str = "INFO", fmt: str = "auto", kafka_level: str = "WARNING", path: Path | None = None
+) -> None:
+    """Route structlog (and the standard library's logging) to stderr as JSON lines or console text,
+    or, with ``path``, to that file as JSON lines (a command that prints for a person: the demo)."""
+    file = path.open("a", encoding="utf-8") if path is not None else None
+    use_console = file is None and (fmt == "console" or (fmt == "auto" and sys.stderr.isatty()))
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     numeric = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=_StderrLogger,
+        logger_factory=lambda *args: _LineLogger(file),
         cache_logger_on_first_use=False,
     )
-    # Libraries (kafka-python, transformers) log through the standard library: keep them quiet
-    # unless they warn, and on the same stream.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    # Libraries (kafka-python, transformers) log through the standard library: the same format on the
+    # same stream (JSON lines with their logger's name), and only from WARNING up unless asked.
+    handler = logging.StreamHandler(file or sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.getLevelName(kafka_level.upper()))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +133,7 @@ POLICY_RELOADS = Counter(
     registry=REGISTRY,
 )
 
-# The worker (pipeline.py)
+# The worker (moderator/worker/)
 EVENTS_IN = Counter("moderator_events_total", "Events received from the images topic", registry=REGISTRY)
 DECISIONS = Counter("moderator_decisions_total", "Decisions published, by outcome", ["outcome"], registry=REGISTRY)
 DEAD_LETTERS = Counter(

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from moderator.config import Settings
-from moderator.stack import LocalStack, StackInfo, create_topics_admin
+from moderator.clients import create_topics
+from moderator.config import Settings, parse_api_version
+from moderator.stack import LocalStack, StackInfo
+from moderator.topics import TOPICS, NewTopic
 
 if TYPE_CHECKING:
     import redis
@@ -63,7 +65,7 @@ class KafkaService:
 
     @property
     def api_version_tuple(self) -> tuple[int, ...] | None:
-        return None if not self.api_version else tuple(int(p) for p in self.api_version.split("."))
+        return parse_api_version(self.api_version)
 
     @property
     def supports_idempotence(self) -> bool:
@@ -77,11 +79,11 @@ class KafkaService:
             kwargs["api_version"] = self.api_version_tuple
         return kwargs
 
-    def create_topics(self, names: Sequence[str], partitions: int = 1) -> None:
+    def create_topics(self, topics: Sequence[NewTopic]) -> None:
         if self.local is not None:
-            self.local.create_topics(names, partitions)
+            self.local.create_topics(topics)
         else:
-            create_topics_admin(self.bootstrap_servers, self.api_version, names, partitions)
+            create_topics(self.bootstrap_servers, self.api_version, topics)
 
     def delete_topics(self, names: Sequence[str]) -> None:
         """Best effort, external brokers only (a local stack is thrown away whole)."""
@@ -195,12 +197,13 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
 
 @pytest.fixture
 def make_topic(kafka_service: KafkaService, unique_name: Callable[[str], str]) -> Iterator[Callable[..., str]]:
-    """``make_topic(partitions=1, name=None) -> name``: a new topic, every partition with a leader."""
+    """``make_topic(partitions=1, name=None, compacted=False) -> name``: a new topic, every partition
+    with a leader."""
     created: list[str] = []
 
-    def make(partitions: int = 1, name: str | None = None) -> str:
+    def make(partitions: int = 1, name: str | None = None, compacted: bool = False) -> str:
         topic = name or unique_name("t")
-        kafka_service.create_topics([topic], partitions)
+        kafka_service.create_topics([NewTopic(topic, partitions, compacted)])
         created.append(topic)
         return topic
 
@@ -298,7 +301,8 @@ def settings_factory(
     """``settings_factory(kafka=True, redis=True, topics=False, partitions=1, **overrides) -> Settings``.
 
     Points the settings at the test services (started on demand), with a unique consumer group and
-    Redis key prefix. ``topics=True`` also makes fresh images/decisions/review/dead-letters topics.
+    Redis key prefix. ``topics=True`` also makes a fresh topic for every entry of the topic registry
+    (``partitions`` each, compacted where the registry says so).
     ``redis=False`` disables Redis in the settings (and starts none); ``kafka=False`` starts no Kafka.
     """
     used_redis: list[RedisService] = []
@@ -316,11 +320,8 @@ def settings_factory(
             values["kafka_bootstrap_servers"] = ks.bootstrap_servers
             values["kafka_api_version"] = ks.api_version
             if topics:
-                names = {
-                    field: unique_name(field.removeprefix("topic_").replace("_", "-"))
-                    for field in ("topic_images", "topic_decisions", "topic_review", "topic_dead_letters")
-                }
-                ks.create_topics(list(names.values()), partitions)
+                names = {t.setting: unique_name(t.default) for t in TOPICS}
+                ks.create_topics([NewTopic(names[t.setting], partitions, t.compacted) for t in TOPICS])
                 values.update(names)
         if redis:
             rs: RedisService = request.getfixturevalue("redis_service")

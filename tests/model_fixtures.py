@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moderator.testing import build_clip_checkpoint
+from moderator.random_init import build_clip_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
+from moderator.clients import make_producer, make_reader
 from moderator.config import ENV_PREFIX, Settings
 
 
@@ -95,11 +94,10 @@ def inline_event(event_id: str, data: bytes, **extra: Any) -> bytes:
 
 
 def produce(settings: Settings, items: Iterable[tuple[str, bytes]]) -> int:
-    producer = KafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=settings.idempotence,
-                             max_request_size=32 * 1024 * 1024)  # fmt: skip
+    producer = make_producer(settings)
     n = 0
     for key, value in items:
-        producer.send(settings.topic_images, key=key.encode(), value=value)
+        producer.send(settings.topic("images"), key=key.encode(), value=value)
         n += 1
     producer.flush()
     producer.close()
@@ -109,14 +107,10 @@ def produce(settings: Settings, items: Iterable[tuple[str, bytes]]) -> int:
 class Outputs:
     """Reads the decisions, review and dead-letter topics from the beginning, incrementally."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.names = {settings.topic_decisions: "decisions", settings.topic_review: "review",
-                      settings.topic_dead_letters: "dead"}  # fmt: skip
-        self.consumer = KafkaConsumer(**settings.kafka_common(), group_id=None, enable_auto_commit=False)
-        parts = [TopicPartition(t, p) for t in self.names for p in sorted(self.consumer.partitions_for_topic(t) or [])]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_beginning(*parts)
-        self.records: dict[str, list[dict[str, Any]]] = {"decisions": [], "review": [], "dead": []}
+    def __init__(self, settings: Settings, kinds: Iterable[str] = ("decisions", "review", "dead_letters")) -> None:
+        self.names = {settings.topic(k): "dead" if k == "dead_letters" else k for k in kinds}
+        self.consumer = make_reader(settings, list(self.names))
+        self.records: dict[str, list[dict[str, Any]]] = {kind: [] for kind in self.names.values()}
 
     def poll(self) -> None:
         for tp, recs in self.consumer.poll(timeout_ms=200).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,11 +17,24 @@ def run_demo(env_overrides: dict[str, str], count: int = 4) -> subprocess.Comple
     )  # fmt: skip
 
 
-def test_demo_prints_its_table_with_the_configured_model(tiny_clip_dir):
-    done = run_demo({"MODERATOR_MODEL_ID": str(tiny_clip_dir), "MODERATOR_LOG_LEVEL": "WARNING"})
+def test_demo_prints_progress_and_tables_for_a_person(tiny_clip_dir, tmp_path):
+    log_file = tmp_path / "moderator-demo.log"
+    done = run_demo({"MODERATOR_MODEL_ID": str(tiny_clip_dir), "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
     assert "RANDOMLY INITIALIZED" not in out  # this model loaded: no banner
+    # What a person reads: no JSON log line, no kafka-python chatter, on either stream.
+    for line in (out + done.stderr).splitlines():
+        assert not line.lstrip().startswith("{"), line
+        assert "WARNING" not in line and "kafka." not in line and "MetadataResponse" not in line, line
+    assert done.stderr.strip() == "", done.stderr[-2000:]
+    assert f"logs (JSON lines): {log_file}" in out
+    assert "deciding: 7/7 events have a record" in out
+    assert "policies: community-standards, kids-platform (default: community-standards)" in out
+    # The logs went to the file it named, as JSON lines with event ids.
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(e.get("event") == "worker_started" for e in logged)
+    assert any(e.get("event") == "dead_letter" and e.get("event_id") == "demo-bad-text" for e in logged)
     for line in ("demo-000", "demo-003", "demo-bad-text", "demo-bad-truncated", "demo-bad-json", "review feed"):
         assert line in out
     assert "not_an_image" in out and "truncated_image" in out and "invalid_json" in out

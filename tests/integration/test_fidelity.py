@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import pipeline
 
 from moderator.cli import main
-from moderator.testing import varied_images
+from moderator.samples import varied_images
 
 LABELS = [
     "a handgun or rifle",

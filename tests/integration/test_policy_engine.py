@@ -14,10 +14,11 @@ import yaml
 from PIL import Image
 from transformers import pipeline
 
-from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, make_redis
+from moderator.clients import make_redis
+from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
 from moderator.observability import POLICY_RELOADS
 from moderator.policy import PolicyError, PolicyRegistry, PolicySpec, compile_policy, load_spec
-from moderator.testing import photo_like
+from moderator.samples import photo_like
 
 POLICY = {
     "name": "alpha",

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from moderator.clients import kafka_kwargs
 from moderator.config import Settings
-from moderator.stack import parse_env_file, pid_alive, read_state, stop_stack
+from moderator.stack.process import parse_env_file, pid_alive
+from moderator.stack.state import read_state, stop_stack
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +112,7 @@ def test_up_status_down(tmp_path: Path, data_dir: Path, tools_present: None) -> 
             assert client.ping()
         finally:
             client.close()
-        admin = KafkaAdminClient(**settings.kafka_common())
+        admin = KafkaAdminClient(**kafka_kwargs(settings))
         try:
             assert {"alpha", "beta", "gamma"} <= set(admin.list_topics())
         finally:

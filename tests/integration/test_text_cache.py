@@ -10,10 +10,11 @@ import textwrap
 import numpy as np
 from structlog.testing import capture_logs
 
+from moderator.clients import make_redis
 from moderator.clip import ClipEngine
-from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, encode_value, make_redis
+from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, encode_value
+from moderator.random_init import build_clip_checkpoint
 from moderator.stack import LocalStack
-from moderator.testing import build_clip_checkpoint
 
 PROMPTS = [f"a photo of {thing}." for thing in ("a handgun", "a rifle", "a cat", "blood", "a beach", "a crowd")]
 
@@ -21,7 +22,8 @@ WORKER = textwrap.dedent(
     """
     import json, sys, hashlib
     from moderator.clip import ClipEngine
-    from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, make_redis
+    from moderator.clients import make_redis
+    from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
     model_dir, url, prefix, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     engine = ClipEngine.load(model_dir, device="cpu", warm_up=False)
     client = make_redis(url, 1000, 1000)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import http.server
 import io
+import json
 import re
 import shutil
 import signal
@@ -21,7 +23,7 @@ from moderator.clip import ClipEngine
 from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
 from moderator.images import ImageLimits, load_image
 from moderator.policy import compile_policy, load_spec
-from moderator.testing import jpeg_bytes, photo_like
+from moderator.samples import jpeg_bytes, photo_like
 
 from .harness import Outputs, WorkerProcess, inline_event, produce
 
@@ -40,7 +42,7 @@ def worker_settings(settings_factory, tiny_clip_dir, policy_dir):
     def make(partitions: int = 4, **overrides):
         return settings_factory(
             topics=True, partitions=partitions, model_id=str(tiny_clip_dir), device="cpu", policy_dir=policy_dir,
-            default_policy="community-standards", max_batch_size=16, max_delay_ms=10, commit_interval_ms=200,
+            max_batch_size=16, max_delay_ms=10, commit_interval_ms=200,
             **overrides,
         )  # fmt: skip
 
@@ -50,6 +52,27 @@ def worker_settings(settings_factory, tiny_clip_dir, policy_dir):
 def images(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
     sizes = [(64, 48), (48, 64), (80, 60), (32, 32)]
     return [(f"ev-{seed}-{i:05d}", jpeg_bytes(photo_like(*sizes[i % 4], seed=seed * 100_000 + i))) for i in range(n)]
+
+
+def test_an_event_without_a_policy_is_decided_out_of_the_box(settings_factory, tiny_clip_dir, tmp_path):
+    """The shipped pack and no MODERATOR_*POLICY* setting: the pack's default decides it."""
+    settings = settings_factory(topics=True, partitions=1, model_id=str(tiny_clip_dir), device="cpu",
+                                policy_dir=ROOT / "policies")  # fmt: skip
+    assert settings.default_policy is None
+    worker = WorkerProcess(settings, tmp_path / "w.log")
+    out = Outputs(settings)
+    try:
+        worker.wait_for("partitions_assigned")
+        data = base64.b64encode(jpeg_bytes(photo_like(64, 48, seed=9))).decode()
+        produce(settings, [("x", json.dumps({"id": "x", "image": {"data": data}}).encode())])
+        out.wait_for({"x"})
+        assert out.records["dead"] == []
+        [decision] = out.records["decisions"]
+        assert decision["event_id"] == "x" and decision["policy"]["name"] == "community-standards"
+    finally:
+        out.close()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.tail()
 
 
 def test_two_workers_thousand_events_exactly_one_record_each(worker_settings, tmp_path, tiny_clip_dir, policy_dir):
@@ -266,7 +289,7 @@ def test_slow_batches_cause_no_rebalance(settings_factory, b32_clip_dir, policy_
     """Batches of 192 on the full-size B/32 architecture (~4 s here) take longer than the poll interval."""
     settings = settings_factory(
         topics=True, partitions=2, model_id=str(b32_clip_dir), device="cpu", policy_dir=policy_dir,
-        default_policy="community-standards", max_batch_size=192, max_delay_ms=3000,
+        max_batch_size=192, max_delay_ms=3000,
         kafka_max_poll_interval_ms=2500, kafka_session_timeout_ms=2500, kafka_heartbeat_interval_ms=500,
     )  # fmt: skip
     items = images(256, seed=5)

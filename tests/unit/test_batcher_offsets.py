@@ -119,16 +119,3 @@ def test_uncommitted_counts_until_the_commit():
     assert t.uncommitted() == 5 and t.pending() == 2  # done, but a crash now would re-read them
     t.mark_committed(t.committable())
     assert t.uncommitted() == 2
-
-
-def test_kafka_python_internals_the_rebalance_hook_relies_on():
-    """The revocation hook waits with kafka-python 3's IO-loop sleep; fail loudly if an upgrade moves it."""
-    import inspect
-
-    from kafka import AsyncConsumerRebalanceListener
-    from kafka.net.selector import KernelEvent, NetworkSelector
-    from kafka.structs import MemberState
-
-    assert isinstance(NetworkSelector.sleep(NetworkSelector.__new__(NetworkSelector), 0.05), KernelEvent)
-    assert inspect.iscoroutinefunction(AsyncConsumerRebalanceListener.on_partitions_revoked)
-    assert MemberState.STABLE

@@ -1,37 +1,25 @@
-"""The benchmark's pure parts: inputs, policy, accounting, ratios, the table, the in-process feed."""
+"""The benchmark's pure parts: inputs, policy, accounting, ratios, the table, collecting decisions."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from kafka import TopicPartition
-from kafka.structs import MemberState, OffsetAndMetadata
 from PIL import Image
 
-from moderator.bench import (
-    _SUBJECTS,
-    BenchError,
-    QueueFeed,
-    bench_policy,
-    make_images,
-    parse_ints,
-    parse_sizes,
-    percentiles,
-    prompt_bank,
-    ratios,
-    render_table,
-    size_plan,
-    stage_breakdown,
-)
-from moderator.pipeline import decode_before_forward
+from moderator.bench.inputs import _SUBJECTS, EventSource, bench_policy, make_images, prompt_bank, size_plan
+from moderator.bench.measure import percentiles, stage_breakdown
+from moderator.bench.options import BenchError, BenchOptions, parse_ints, parse_sizes
+from moderator.bench.report import render_table
+from moderator.bench.run import ratios
+from moderator.bench.worker_run import _QueueTransport
 from moderator.policy import build_tables
-from moderator.testing import VOCABULARY_WORDS, build_tokenizer
+from moderator.random_init import VOCABULARY_WORDS, build_tokenizer
+from moderator.worker.feed import QueueFeed
+from moderator.worker.stages import decode_before_forward
 
 
 def test_size_mix_parses_and_keeps_its_proportions():
@@ -147,78 +135,13 @@ def test_ratios_and_table():
     assert ratios({"engine": {"images_per_s": 10.0}}) == {}  # nothing to compare with
 
 
-# --------------------------------------------------------------------------------------------------
-# The in-process feed speaks the part of kafka-python's API the worker uses
-
-
-class _Listener:
-    def __init__(self) -> None:
-        self.assigned: list[set] = []
-
-    async def on_partitions_assigned(self, assigned: set) -> None:
-        self.assigned.append(set(assigned))
-
-
-def test_queue_feed_delivers_in_order_and_honours_pause():
-    feed = QueueFeed("images", max_poll_records=3)
-    listener = _Listener()
-    feed.subscribe(["images"], listener=listener)
-    assert feed.partitions_for_topic("images") == {0} and feed.partitions_for_topic("other") == set()
-    for i in range(5):
-        feed.put(f"k{i}".encode(), f"v{i}".encode())
-    first = feed.poll(timeout_ms=10)
-    assert listener.assigned == [{feed.tp}] and feed.assignment() == {feed.tp}
-    assert [(r.offset, r.key) for r in first[feed.tp]] == [(0, b"k0"), (1, b"k1"), (2, b"k2")]
-    feed.pause(*feed.assignment())
-    assert feed.paused() == {feed.tp} and feed.poll(timeout_ms=10) == {}
-    feed.resume(*feed.paused())
-    assert [r.value for r in feed.poll(timeout_ms=10)[feed.tp]] == [b"v3", b"v4"]
-    assert feed.poll(timeout_ms=10) == {}
-    assert feed.group_metadata().state == MemberState.STABLE
-
-
-def test_queue_feed_acknowledges_sends_and_commits():
-    feed = QueueFeed("images")
-    acked = []
-    future = feed.send("decisions", key=b"e1", value=b"{}")
-    future.add_callback(lambda meta: acked.append("ok")).add_errback(lambda exc: acked.append("failed"))
-    assert acked == ["ok"]
-    assert [(t, k, v) for t, k, v, _ in feed.outputs_since(0, 0.01)] == [("decisions", b"e1", b"{}")]
-    assert feed.outputs_since(1, 0.01) == []
-    done = []
-    feed.commit_async({TopicPartition("images", 0): OffsetAndMetadata(7, "", -1)}, callback=lambda o, r: done.append(r))
-    assert done == [None] and feed.committed == {TopicPartition("images", 0): 7}
-
-
-def test_queue_feed_runs_the_real_rebalance_listener():
-    """The worker's own listener class is async; the feed drives it to completion."""
-    feed = QueueFeed("images")
-    calls = []
-
-    class Listener:
-        async def on_partitions_assigned(self, assigned):
-            await asyncio.sleep(0)
-            calls.append(assigned)
-
-    feed.subscribe(["images"], listener=Listener())
-    feed.poll(timeout_ms=1)
-    assert calls == [{feed.tp}]
-
-
 def test_decode_schedule_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert decode_before_forward("auto", cpu) and not decode_before_forward("auto", cuda)
     assert decode_before_forward("before_forward", cuda) and not decode_before_forward("overlap", cpu)
 
 
-def test_report_is_json():
-    report = _report()
-    report["ratios"] = ratios(report["contenders"])
-    assert json.loads(json.dumps(report)) == report
-
-
 def test_event_envelopes_parse_as_the_worker_parses_them():
-    from moderator.bench import EventSource
     from moderator.events import parse_event
 
     images = make_images(parse_sizes("32x24"), 2)
@@ -250,28 +173,25 @@ def test_event_envelopes_parse_as_the_worker_parses_them():
 def test_options_that_cannot_work_are_refused(change, message):
     from dataclasses import replace
 
-    from moderator.bench import BenchOptions
-
     BenchOptions().check()
     with pytest.raises(BenchError, match=message):
         replace(BenchOptions(), **change).check()
 
 
 def test_collect_reports_decisions_and_fails_fast_on_what_went_wrong():
-    from moderator.bench import _QueueTransport
     from moderator.config import Settings
 
     settings = Settings()
-    feed = QueueFeed(settings.topic_images)
+    feed = QueueFeed(settings.topic("images"))
     transport = _QueueTransport(settings, feed)
-    feed.send(settings.topic_decisions, key=b"a", value=b"{}")
-    feed.send(settings.topic_review, key=b"b", value=b"{}")  # not a decision: ignored
-    feed.send(settings.topic_decisions, key=b"b", value=b"{}")
+    feed.send(settings.topic("decisions"), key=b"a", value=b"{}")
+    feed.send(settings.topic("review"), key=b"b", value=b"{}")  # not a decision: ignored
+    feed.send(settings.topic("decisions"), key=b"b", value=b"{}")
     seen: dict[str, float] = {}
     transport.collect({"a", "b"}, 5, seen.__setitem__, lambda: True)
     assert set(seen) == {"a", "b"}
 
-    feed.send(settings.topic_dead_letters, key=b"c", value=b'{"reason": "corrupt_image"}')
+    feed.send(settings.topic("dead_letters"), key=b"c", value=b'{"reason": "corrupt_image"}')
     with pytest.raises(BenchError, match=r"dead-lettered.*corrupt_image"):
         transport.collect({"c"}, 5, seen.__setitem__, lambda: True)
     with pytest.raises(BenchError, match="the worker stopped"):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from moderator.clients import kafka_kwargs
 from moderator.config import ConfigError, Settings, load_settings
 
 
 def test_defaults_load(monkeypatch):
     s = load_settings()
-    assert s.topic_images == "images" and s.max_batch_size == 32
+    assert s.topic("images") == "images" and s.max_batch_size == 32
 
 
 def test_environment_overrides(monkeypatch):
@@ -19,8 +20,8 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("MODERATOR_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("MODERATOR_IMAGE_FORMATS", '["JPEG","PNG"]')
     s = load_settings()
-    assert s.kafka_common()["bootstrap_servers"] == ["a:1", "b:2"]
-    assert s.kafka_common()["api_version"] == (0, 9)
+    assert kafka_kwargs(s)["bootstrap_servers"] == ["a:1", "b:2"]
+    assert kafka_kwargs(s)["api_version"] == (0, 9)
     assert s.max_batch_size == 8 and s.image_formats == ("JPEG", "PNG")
 
 
@@ -62,10 +63,10 @@ def test_sasl_needs_a_mechanism(monkeypatch):
     monkeypatch.setenv("MODERATOR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
     monkeypatch.setenv("MODERATOR_KAFKA_SASL_USERNAME", "u")
     monkeypatch.setenv("MODERATOR_KAFKA_SASL_PASSWORD", "p")
-    common = load_settings().kafka_common()
+    common = kafka_kwargs(load_settings())
     assert common["sasl_mechanism"] == "SCRAM-SHA-512" and common["sasl_plain_password"] == "p"
 
 
 def test_empty_api_version_means_probe(monkeypatch):
     monkeypatch.setenv("MODERATOR_KAFKA_API_VERSION", "")
-    assert "api_version" not in load_settings().kafka_common()
+    assert "api_version" not in kafka_kwargs(load_settings())

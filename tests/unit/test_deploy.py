@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from moderator.config import ENV_PREFIX, Settings
+from moderator.topics import TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTING_VARS = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
@@ -53,17 +54,15 @@ def test_compose_values_are_valid_settings(monkeypatch):
     assert s.device == "cuda"
 
 
-def test_topic_names_match_the_defaults():
+def test_topic_init_creates_the_registry_with_the_workers_settings():
     services = compose()["services"]
-    env = services["moderator"]["environment"]
-    defaults = Settings.model_fields
-    for field in ("topic_images", "topic_decisions", "topic_review", "topic_dead_letters"):
-        var = ENV_PREFIX + field.upper()
-        assert env[var] == defaults[field].default
-    init_script = " ".join(services["topic-init"]["command"])
-    specs = re.search(r"for spec in ([^;]+);", init_script).group(1).split()
-    created = {spec.split(":")[0] for spec in specs}
-    assert created == {defaults[f].default for f in defaults if f.startswith("topic_")}
+    init, worker = services["topic-init"], services["moderator"]
+    assert init["command"] == ["topics", "create"]  # moderator topics create: every registry topic
+    assert init["build"] == worker["build"] and init["image"] == worker["image"]
+    assert init["environment"] == worker["environment"]  # the same names, the same broker
+    for t in TOPICS:  # names set in compose are the registry's defaults
+        assert worker["environment"].get(t.env, t.default) == t.default
+    assert 'ENTRYPOINT ["moderator"]' in (ROOT / "deploy/Dockerfile").read_text()
 
 
 def test_readiness_port_matches():

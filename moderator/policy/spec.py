@@ -1,0 +1,179 @@
+"""The policy file format: a strict schema, validation errors with file and field, versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moderator.errors import ReasonError
+from moderator.observability import get_logger
+
+log = get_logger(__name__)
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Category(_Strict):
+    name: str = Field(pattern=NAME_RE, description="machine name, e.g. weapons")
+    descriptions: list[str] = Field(min_length=1, description="what it looks like, in plain language")
+    contrasts: list[str] = Field(default_factory=list, description="benign look-alikes scored against it")
+    flag: float = Field(ge=0.0, le=1.0, description="flag when the score reaches this")
+    review: float = Field(ge=0.0, le=1.0, description="send to review when the score reaches this")
+    severity: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="passed through to decisions")
+    enabled: bool = True
+
+    @field_validator("descriptions", "contrasts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        return _clean_texts(v)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> Category:
+        if self.review > self.flag:
+            raise ValueError(f"review threshold {self.review} must not exceed flag threshold {self.flag}")
+        overlap = set(self.descriptions) & set(self.contrasts)
+        if overlap:
+            raise ValueError(f"texts both description and contrast: {sorted(overlap)}")
+        return self
+
+
+class PolicySpec(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    description: str | None = None
+    owner: str | None = None
+    model: str | None = Field(None, description="pin: only a worker serving this checkpoint may load it")
+    default: bool = Field(False, description="decides events that name no policy (MODERATOR_DEFAULT_POLICY wins)")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of {}."], min_length=1)
+    neutral: list[str] = Field(default_factory=list, description="ordinary content every category is scored against")
+    categories: list[Category] = Field(min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        v = _clean_texts(v)
+        for t in v:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain exactly one {{}}")
+        return v
+
+    @field_validator("neutral")
+    @classmethod
+    def _neutral(cls, v: list[str]) -> list[str]:
+        return _clean_texts(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> PolicySpec:
+        names = [c.name for c in self.categories]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate category names: {dupes}")
+        if not any(c.enabled for c in self.categories):
+            raise ValueError("every category is disabled")
+        return self
+
+    def version(self) -> str:
+        """Content hash of the normalized form: comments, key order and layout do not change it.
+
+        ``default`` is left out: it says which events the policy serves, not how it decides them.
+        """
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"default"}), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _clean_texts(v: list[str]) -> list[str]:
+    out = []
+    for text in v:
+        text = re.sub(r"\s+", " ", text).strip()
+        if not text:
+            raise ValueError("empty text")
+        out.append(text)
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate texts: {sorted({t for t in out if out.count(t) > 1})}")
+    return out
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a policy file: where, and why."""
+
+    file: str
+    field: str  # a readable path such as categories[0](weapons).flag; "" for the whole file
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.reason}" if self.field else f"{self.file}: {self.reason}"
+
+
+class PolicyError(Exception):
+    """A policy file (or set of files) is invalid; ``errors`` lists every :class:`Problem`."""
+
+    def __init__(self, errors: Sequence[tuple[str, str, str]]) -> None:
+        self.errors = [Problem(*e) for e in errors]
+        super().__init__("\n".join(map(str, self.errors)))
+
+
+class UnknownPolicy(ReasonError):
+    """An event names a policy that is not loaded (or names none, and there is no default)."""
+
+    reason = "unknown_policy"
+
+
+def load_spec(path: Path) -> PolicySpec:
+    """Read and validate one policy file; :class:`PolicyError` names file, field path and reason."""
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyError([(where, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([(where, "", f"invalid YAML: {at}{problem}")]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([(where, "", "not UTF-8 text")]) from None
+    if not isinstance(raw, dict):
+        raise PolicyError([(where, "", f"expected a mapping at the top level, got {type(raw).__name__}")])
+    try:
+        return PolicySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError([(where, _loc(e["loc"], raw), e["msg"]) for e in exc.errors()]) from None
+
+
+def _loc(loc: Sequence[Any], raw: Any) -> str:
+    """pydantic's location as a readable path; category indices get the category's name too."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and isinstance(node[item], dict) else None
+            parts[-1] = f"{parts[-1]}[{item}]" + (f"({name})" if name else "") if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts)
+
+
+def policy_files(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(c for c in p.iterdir() if c.suffix in POLICY_SUFFIXES and c.is_file()))
+        else:
+            out.append(p)
+    return out

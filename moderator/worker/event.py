@@ -1,0 +1,58 @@
+"""One event's journey through the worker, and the seam the worker needs of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from kafka import TopicPartition
+
+from moderator.events import ParsedEvent, Source
+from moderator.images import PreprocessSpec
+from moderator.worker.checkpoint import Receipt
+
+
+class ImageEngine(Protocol):
+    """What the worker needs of the CLIP engine (:class:`moderator.clip.ClipEngine` is one)."""
+
+    device: torch.device
+    spec: PreprocessSpec  # how images are resized and cropped before the tower
+    fingerprint: str  # the model that decided, recorded in every decision
+
+    def encode_images(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` to L2-normalized float32 embeddings ``[B, D]``."""
+        ...
+
+
+@dataclass
+class Event:
+    receipt: Receipt
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int | None  # the record's timestamp, when the broker keeps one
+    received: float  # time.monotonic()
+    parsed: ParsedEvent | None = None
+    data: bytes | None = None  # the image bytes (inline or fetched) until decoded
+    pixels: np.ndarray | None = None
+    image_sha256: str = ""
+    image_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tp(self) -> TopicPartition:
+        return self.receipt.tp
+
+    @property
+    def offset(self) -> int:
+        return self.receipt.offset
+
+    @property
+    def source(self) -> Source:
+        return Source(topic=self.tp.topic, partition=self.tp.partition, offset=self.offset,
+                      timestamp_ms=self.timestamp_ms)  # fmt: skip
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

@@ -1,0 +1,149 @@
+"""The worker's outputs: building each event's records, and sending them so that none is lost.
+
+:class:`Outputs` turns a decided (or failed) event into its records: a decision, plus a review item
+for ``review`` decisions (and ``flag`` ones with ``review_include_flagged``); or one dead letter.
+Topic names come from the registry (``moderator/topics.py``) through the settings.
+
+:class:`Publisher` hands an event's records to the producer, all keyed by the event id, and tells
+the :class:`~moderator.worker.checkpoint.Checkpoint` how many are on their way and when each is
+acknowledged. A record the broker refuses is re-sent from the consumer's thread, up to
+``publish_retries`` times; after that the worker stops without committing the event (exit 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaProducer
+
+from moderator import observability as obs
+from moderator.config import Settings
+from moderator.events import (
+    DeadLetter,
+    Decision,
+    DecisionRecord,
+    ImageRef,
+    ReviewItem,
+    Timings,
+    event_id_hint,
+    review_priority,
+    utc_now,
+)
+from moderator.worker.checkpoint import Checkpoint, Receipt
+from moderator.worker.event import Event
+
+log = obs.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    topic: str
+    value: bytes
+
+
+class Outputs:
+    """What each event publishes, and where."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.decisions = settings.topic("decisions")
+        self.review = settings.topic("review")
+        self.dead_letters = settings.topic("dead_letters")
+        self.review_include_flagged = settings.review_include_flagged
+        self.dead_letter_max_original_bytes = settings.dead_letter_max_original_bytes
+
+    def decided(self, e: Event, d: Decision, timings: Timings, decided_at: str) -> list[OutRecord]:
+        assert e.parsed is not None
+        record = DecisionRecord(**d.model_dump(), event_id=e.parsed.id, metadata=e.parsed.metadata,
+                                source=e.source, timings=timings, decided_at=decided_at)  # fmt: skip
+        out = [OutRecord(self.decisions, record.model_dump_json().encode())]
+        if d.decision == "review" or (d.decision == "flag" and self.review_include_flagged):
+            item = ReviewItem(
+                event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
+                image=ImageRef(url=e.parsed.url, inline_source=None if e.parsed.url else e.source,
+                               sha256=e.image_sha256, bytes=e.image_bytes),
+                scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
+                metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
+            )  # fmt: skip
+            out.append(OutRecord(self.review, item.model_dump_json().encode()))
+        return out
+
+    def dead_letter(self, e: Event, reason: str, message: str) -> OutRecord:
+        value = e.value
+        small = len(value) <= self.dead_letter_max_original_bytes
+        record = DeadLetter(
+            event_id=e.parsed.id if e.parsed else event_id_hint(e.key, e.value),
+            reason=reason, message=message[:2000], source=e.source,
+            original_value=base64.b64encode(value).decode() if small else None,
+            original_bytes=len(value), original_sha256=hashlib.sha256(value).hexdigest(), failed_at=utc_now(),
+        )  # fmt: skip
+        obs.DEAD_LETTERS.labels(reason=reason).inc()
+        log.info("dead_letter", event_id=record.event_id, reason=reason, message=record.message[:200],
+                 topic=e.tp.topic, partition=e.tp.partition, offset=e.offset)  # fmt: skip
+        return OutRecord(self.dead_letters, record.model_dump_json().encode())
+
+
+@dataclass(frozen=True)
+class _Refused:
+    receipt: Receipt
+    key: bytes | None
+    record: OutRecord
+    attempt: int  # sends so far
+
+
+def event_key(e: Event) -> bytes | None:
+    """Every output of an event is keyed by its id (best effort for one that could not be parsed)."""
+    if e.parsed is not None:
+        return e.parsed.id.encode()
+    hint = event_id_hint(e.key, e.value)
+    return hint.encode() if hint else e.key
+
+
+class Publisher:
+    def __init__(self, producer: KafkaProducer, checkpoint: Checkpoint, retries: int) -> None:
+        self.producer = producer
+        self.checkpoint = checkpoint
+        self.retries = retries
+        self._lock = threading.Lock()
+        self._refused: list[_Refused] = []
+        self.fatal: str | None = None  # set once a record could not be published after every retry
+
+    def send(self, e: Event, records: list[OutRecord]) -> None:
+        self.checkpoint.expect(e.receipt, len(records))
+        key = event_key(e)
+        for record in records:
+            self._send(_Refused(e.receipt, key, record, 0))
+
+    def _send(self, item: _Refused) -> None:
+        t0 = time.perf_counter()
+
+        def ok(_meta: Any) -> None:
+            obs.STAGE_SECONDS.labels(stage="produce").observe(time.perf_counter() - t0)
+            self.checkpoint.acknowledged(item.receipt)
+
+        def failed(exc: BaseException) -> None:
+            log.warning("publish_failed", topic=item.record.topic, attempt=item.attempt + 1,
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            with self._lock:
+                self._refused.append(_Refused(item.receipt, item.key, item.record, item.attempt + 1))
+
+        try:
+            future = self.producer.send(item.record.topic, key=item.key, value=item.record.value)
+            future.add_callback(ok).add_errback(failed)
+        except Exception as exc:  # e.g. buffer full / record too large: the same path as an async failure
+            failed(exc)
+
+    def resend_refused(self) -> bool:
+        """Re-send what the broker refused (consumer thread). False once a record ran out of retries."""
+        with self._lock:
+            refused, self._refused = self._refused, []
+        for item in refused:
+            if item.attempt > self.retries:
+                self.fatal = f"could not publish to {item.record.topic} after {item.attempt} attempts"
+                continue
+            self._send(item)
+        return self.fatal is None

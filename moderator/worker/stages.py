@@ -1,0 +1,257 @@
+"""The worker's two stages after the consumer: images (fetch, decode) and batches (model, policy).
+
+- :class:`ImageStage`, on a thread pool: fetch a URL image through the SSRF-safe fetcher (or take
+  the inline bytes); then, unless decoding waits for the batch, decode with limits and resize/crop
+  to uint8; hand the event to the batch stage.
+- :class:`BatchStage`, one thread: the micro-batcher (size or oldest-waited deadline); on the CPU,
+  the batch's decoding on every core just before its forward (``decode_schedule``); the image tower;
+  one policy snapshot per batch; the decisions, handed to the worker's sink to publish.
+
+Bad data never escapes a stage: every failure becomes the event's dead letter through the sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from moderator import observability as obs
+from moderator.batcher import MicroBatcher
+from moderator.errors import ReasonError
+from moderator.events import Decision, Timings, utc_now
+from moderator.fetch import Fetcher
+from moderator.images import ImageLimits, load_image
+from moderator.policy import PolicyRegistry
+from moderator.worker.event import Event, ImageEngine, ms
+
+log = obs.get_logger(__name__)
+
+
+class Sink(Protocol):
+    """Where the stages send what they produce (the worker, which publishes)."""
+
+    def decided(self, e: Event, decision: Decision, timings: Timings, decided_at: str) -> None: ...
+
+    def failed(self, e: Event, reason: str, message: str) -> None: ...
+
+
+def decode_before_forward(schedule: str, device: torch.device) -> bool:
+    """Whether images are decoded when their batch runs (all cores, then the model on all cores)
+    rather than ahead of it, beside the model.
+
+    ``auto``: on the CPU, where the image tower already uses every core, decoding beside it preempts
+    the model's threads mid-product and costs the model more than the decoding itself takes; on an
+    accelerator, decoding ahead overlaps the device's work.
+    """
+    if schedule == "auto":
+        return device.type == "cpu"
+    return schedule == "before_forward"
+
+
+def _unexpected(sink: Sink, e: Event, exc: Exception) -> None:
+    """A bug, not the data: log it with its traceback, and still never lose the event."""
+    log.exception("image_stage_error", event_id=e.parsed.id if e.parsed else None)
+    sink.failed(e, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _pixels(e: Event) -> np.ndarray:
+    if e.pixels is None:
+        raise RuntimeError(f"event {e.parsed.id if e.parsed else e.offset} reached the model undecoded")
+    return e.pixels
+
+
+class ImageStage:
+    def __init__(
+        self,
+        sink: Sink,
+        fetcher: Fetcher,
+        limits: ImageLimits,
+        engine: ImageEngine,
+        *,
+        fetch_threads: int,
+        decode_threads: int,
+        decode_with_batch: bool,
+    ) -> None:
+        self.sink = sink
+        self.fetcher = fetcher
+        self.limits = limits
+        self.engine = engine
+        self.decode_with_batch = decode_with_batch
+        self.ready: queue.Queue[Event | None] = queue.Queue()  # to the batch stage; None closes it
+        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="image")
+        self._decode_slots = threading.BoundedSemaphore(decode_threads)
+
+    def submit(self, e: Event) -> None:
+        self._pool.submit(self._run, e)
+
+    def _run(self, e: Event) -> None:
+        """Fetch (URL events) and, unless decoding waits for the batch, decode; then hand over."""
+        assert e.parsed is not None
+        started = time.monotonic()
+        e.timings["queued_ms"] = ms(started - e.received)
+        try:
+            e.data = e.parsed.data
+            if e.data is None:
+                e.data = self.fetcher.fetch(e.parsed.url or "")
+                fetch_s = time.monotonic() - started
+                e.timings["fetch_ms"] = ms(fetch_s)
+                obs.STAGE_SECONDS.labels(stage="fetch").observe(fetch_s)
+        except ReasonError as exc:
+            self.sink.failed(e, exc.reason, str(exc))
+            return
+        except Exception as exc:
+            _unexpected(self.sink, e, exc)
+            return
+        if self.decode_with_batch or self.decode(e):
+            self.ready.put(e)
+
+    def decode(self, e: Event) -> bool:
+        """Decode and preprocess the event's image; on bad data, dead-letter it and return False."""
+        assert e.data is not None
+        data = e.data
+        try:
+            seconds: dict[str, float] = {}
+            with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
+                e.pixels = load_image(data, self.limits, self.engine.spec, seconds)
+            e.timings["decode_ms"] = ms(seconds["decode"])
+            e.timings["preprocess_ms"] = ms(seconds["preprocess"])
+            e.image_bytes = len(data)
+            e.image_sha256 = hashlib.sha256(data).hexdigest()
+            e.data = None
+        except ReasonError as exc:
+            self.sink.failed(e, exc.reason, str(exc))
+            return False
+        except Exception as exc:
+            _unexpected(self.sink, e, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BatchStage:
+    def __init__(
+        self,
+        sink: Sink,
+        images: ImageStage,
+        engine: ImageEngine,
+        registry: PolicyRegistry,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        decode_threads: int,
+    ) -> None:
+        self.sink = sink
+        self.images = images
+        self.engine = engine
+        self.registry = registry
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        # Set: each batch is decoded on every core just before its forward.
+        self._decoder: ThreadPoolExecutor | None = None
+        if images.decode_with_batch:
+            self._decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Close the queue: what is in it is still batched and published; then join the thread."""
+        self.images.ready.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout=timeout)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        ready = self.images.ready
+        batcher: MicroBatcher[Event] = MicroBatcher(self.max_batch_size, self.max_delay_s)
+        closing = False
+        while True:
+            deadline = batcher.deadline()
+            timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = ready.get(timeout=timeout)
+                if item is None:
+                    closing = True
+                else:
+                    batcher.add(item, time.monotonic())
+                while len(batcher) < batcher.max_size:  # take whatever else is already waiting
+                    item = ready.get_nowait()
+                    if item is None:
+                        closing = True
+                        break
+                    batcher.add(item, time.monotonic())
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            while batcher.ready(now) or (closing and len(batcher)):
+                batch = batcher.take(now, force=closing)
+                try:
+                    self.run([p.item for p in batch], [now - p.since for p in batch])
+                except Exception as exc:  # never lose a batch: dead-letter it, keep going
+                    log.exception("batch_failed", size=len(batch))
+                    for p in batch:
+                        self.sink.failed(p.item, "internal_error", f"{type(exc).__name__}: {exc}")
+            if closing and not len(batcher) and ready.empty():
+                return
+
+    def run(self, events: list[Event], waited: list[float]) -> None:
+        if self._decoder is not None:  # every core decodes the batch, then every core runs the model
+            good = list(self._decoder.map(self.images.decode, events))
+            events = [e for e, ok in zip(events, good, strict=True) if ok]
+            waited = [w for w, ok in zip(waited, good, strict=True) if ok]
+            if not events:
+                return
+        snapshot = self.registry.current  # the whole batch is decided with this policy set
+        t0 = time.perf_counter()
+        embeds = self.engine.encode_images(np.stack([_pixels(e) for e in events]))
+        model_s = time.perf_counter() - t0  # transfer + forward (each observed by the engine)
+        obs.BATCH_SIZE.observe(len(events))
+        t1 = time.perf_counter()
+        groups: dict[str | None, list[int]] = {}
+        for i, e in enumerate(events):
+            groups.setdefault(e.parsed.policy if e.parsed else None, []).append(i)
+        decisions: list[Decision | None] = [None] * len(events)
+        for name, rows in groups.items():
+            try:
+                policy = snapshot.get(name)
+            except ReasonError as exc:  # e.g. the policy was removed since the event arrived
+                for i in rows:
+                    self.sink.failed(events[i], exc.reason, str(exc))
+                continue
+            for i, d in zip(rows, policy.decisions(embeds[rows]), strict=True):
+                decisions[i] = d
+        score_s = time.perf_counter() - t1  # observed per policy group by CompiledPolicy.decisions
+        t2 = time.perf_counter()
+        log.info("batch_done", size=len(events), model_ms=ms(model_s), score_ms=ms(score_s),
+                 oldest_wait_ms=ms(max(waited)))  # fmt: skip
+        now = time.monotonic()
+        decided_at = utc_now()
+        wall_ms = time.time() * 1000
+        for e, decision, w in zip(events, decisions, waited, strict=True):
+            if decision is None:
+                continue
+            e.pixels = None
+            e2e = wall_ms - e.timestamp_ms if e.timestamp_ms is not None else None
+            timings = Timings(
+                queued_ms=e.timings.get("queued_ms", 0.0), fetch_ms=e.timings.get("fetch_ms", 0.0),
+                decode_ms=e.timings.get("decode_ms", 0.0), preprocess_ms=e.timings.get("preprocess_ms", 0.0),
+                batch_wait_ms=ms(w), model_ms=ms(model_s), score_ms=ms(score_s), total_ms=ms(now - e.received),
+                end_to_end_ms=round(e2e, 3) if e2e is not None else None,
+            )  # fmt: skip
+            self.sink.decided(e, decision, timings, decided_at)
+            obs.DECISIONS.labels(outcome=decision.decision).inc()
+            obs.EVENT_LATENCY.observe(now - e.received)
+            if e2e is not None:
+                obs.END_TO_END.observe(max(0.0, e2e / 1000))
+        obs.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - t2)

@@ -1,0 +1,99 @@
+"""The whole worker (real engine on the tiny checkpoint, real policies, real checkpoint) fed by the
+in-process feed: what it publishes, what it commits, how it re-sends and when it gives up."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from moderator.app import App
+from moderator.config import Settings
+from moderator.policy import PolicyError
+from moderator.samples import jpeg_bytes, photo_like
+from moderator.worker import EXIT_OK, EXIT_PUBLISH_FAILED
+from moderator.worker.feed import QueueFeed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _event(event_id: str, seed: int, **extra: object) -> bytes:
+    data = base64.b64encode(jpeg_bytes(photo_like(40, 30, seed=seed))).decode()
+    return json.dumps({"id": event_id, "image": {"data": data}, **extra}).encode()
+
+
+def _settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {"policy_dir": ROOT / "policies", "redis_enabled": False, "max_batch_size": 8,
+                                 "max_delay_ms": 5, "commit_interval_ms": 50, "shutdown_timeout_s": 10}  # fmt: skip
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _run(app: App, feed: QueueFeed, want: int) -> int:
+    """Run the worker until ``want`` records of decisions or dead letters came out; its exit code."""
+    worker = app.worker(consumer=feed, producer=feed)
+    code: list[int] = []
+    thread = threading.Thread(target=lambda: code.append(worker.run(install_signals=False)))
+    thread.start()
+    done = {app.settings.topic("decisions"), app.settings.topic("dead_letters")}
+    seen = 0
+    while seen < want and thread.is_alive():
+        seen = sum(1 for o in feed.outputs_since(0, 0.2) if o.topic in done)
+    worker.stop("test done")
+    thread.join(30)
+    assert not thread.is_alive()
+    return code[0]
+
+
+def test_every_event_is_decided_or_dead_lettered_and_committed(tiny_engine):
+    app = App(_settings(), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 1))  # no policy field: the pack's default decides it
+    feed.put(b"b", _event("b", 2, policy="kids-platform"))
+    feed.put(b"c", _event("c", 3, policy="no-such-policy"))
+    feed.put(b"d", b"{not json")
+    assert _run(app, feed, 4) == EXIT_OK
+    by_topic: dict[str, dict[str, dict]] = {}
+    for o in feed.outputs:
+        by_topic.setdefault(o.topic, {})[o.key.decode()] = json.loads(o.value)
+    decisions, dead = by_topic["decisions"], by_topic["dead-letters"]
+    assert decisions["a"]["policy"]["name"] == "community-standards"
+    assert decisions["b"]["policy"]["name"] == "kids-platform"
+    assert decisions["a"]["model"] == tiny_engine.fingerprint
+    assert dead["c"]["reason"] == "unknown_policy" and dead["d"]["reason"] == "invalid_json"
+    assert feed.committed == {feed.tp: 4}  # everything done, everything committed
+
+
+def test_refused_records_are_re_sent_and_the_event_is_committed_once_acknowledged(tiny_engine):
+    app = App(_settings(publish_retries=3), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 1))
+    feed.refuse(2)  # the broker refuses the first two sends
+    assert _run(app, feed, 1) == EXIT_OK
+    assert feed.sends == 3 and [o.key for o in feed.outputs] == [b"a"]
+    assert feed.committed == {feed.tp: 1}
+
+
+def test_a_record_refused_beyond_the_retries_stops_the_worker_uncommitted(tiny_engine):
+    app = App(_settings(publish_retries=1), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 1))
+    feed.refuse(100)
+    worker = app.worker(consumer=feed, producer=feed)
+    assert worker.run(install_signals=False) == EXIT_PUBLISH_FAILED  # stops by itself
+    assert feed.sends == 2 and feed.outputs == [] and feed.committed == {}
+
+
+def test_several_policies_and_no_default_are_refused_at_start_naming_the_setting(tmp_path, tiny_engine):
+    for name in ("one", "two"):
+        text = (ROOT / "policies" / "kids-platform.yaml").read_text().replace("name: kids-platform", f"name: {name}")
+        (tmp_path / f"{name}.yaml").write_text(text)
+    with pytest.raises(PolicyError, match="MODERATOR_DEFAULT_POLICY"):
+        App(_settings(policy_dir=tmp_path), engine=tiny_engine).policies  # noqa: B018
+    app = App(_settings(policy_dir=tmp_path, default_policy="two"), engine=tiny_engine)
+    assert app.policies.current.default == "two"
+    with pytest.raises(PolicyError, match="MODERATOR_DEFAULT_POLICY=three names no loaded policy"):
+        App(_settings(policy_dir=tmp_path, default_policy="three"), engine=tiny_engine).policies  # noqa: B018
