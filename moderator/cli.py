@@ -168,6 +168,34 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from moderator.comparison import METRICS, check, parse_fail_if
+    from moderator.replay import render, run_replay
+
+    try:
+        conditions = [parse_fail_if(expr, set(METRICS)) for expr in args.fail_if]
+    except ValueError as exc:
+        print(f"moderator: {exc}", file=sys.stderr)
+        return 2
+    baseline = Path(args.baseline) if args.baseline else None
+    report = run_replay(_app(args), Path(args.policy), baseline, limit=args.max, tolerance=args.tolerance)
+    failed = check(conditions, report["metrics"])
+    report["fail_if"] = {"conditions": [c.text for c in conditions], "failed": failed}
+    if terminal.wants_json(args.json):
+        print(json.dumps(report))
+    else:
+        print(render(report, failed))
+    return 1 if failed else 0
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from moderator.replay import render_shadow, shadow_report
+
+    report = shadow_report(_app(args), args.policy, args.max)
+    print(json.dumps(report) if terminal.wants_json(args.json) else render_shadow(report))
+    return 0
+
+
 # ==================================================================================================
 # The worker and its topics
 
@@ -231,12 +259,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         while args.max is None or seen < args.max:
             batch = consumer.poll(timeout_ms=200)
-            for records in batch.values():
-                for r in records:
-                    print((r.value or b"").decode("utf-8", errors="replace"), flush=True)
-                    seen += 1
-                    if args.max is not None and seen >= args.max:
-                        break
+            records = [r for part in batch.values() for r in part]
+            for r in records[: None if args.max is None else args.max - seen]:
+                print((r.value or b"").decode("utf-8", errors="replace"), flush=True)
+                seen += 1
             if batch and args.idle_timeout:
                 idle_until = time.monotonic() + args.idle_timeout
             if idle_until is not None and time.monotonic() > idle_until:
@@ -348,6 +374,28 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--top", type=int, default=3, help="closest texts to show per list")
     pe.add_argument("--pretty", action="store_true", help="indented JSON")
     pe.set_defaults(func=cmd_policy_explain)
+
+    p = sub.add_parser("replay", help="re-decide logged embeddings under a candidate policy; compare with the live one")
+    p.add_argument("--policy", required=True, help="the candidate: a policy file or directory")
+    p.add_argument("--baseline", help="compare with this policy file or directory (default: the live decisions)")
+    p.add_argument("--max", type=int, help="read at most N records of the embeddings log")
+    p.add_argument("--tolerance", type=float, help="score error of the stored embeddings (default: from their dtype)")
+    p.add_argument(
+        "--fail-if",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="exit 1 when it holds, e.g. flag_recall_drop>0.02 or review_volume_increase>0.2 (repeatable)",
+    )
+    p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
+    p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("shadow", help="live vs shadow policies: agreement and transitions, from the shadow topic")
+    p.add_argument("--policy", help="only this shadow policy")
+    p.add_argument("--max", type=int, help="read at most N records")
+    p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
+    p.set_defaults(func=cmd_shadow)
 
     p = sub.add_parser("produce", help="publish image events (files inline, http(s) URLs by reference)")
     p.add_argument("items", nargs="+", metavar="PATH_OR_URL", help="image files, directories or URLs")

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,34 @@ def make_reader(
     else:
         consumer.seek_to_end(*parts)
     return consumer
+
+
+def read_to_end(
+    reader: KafkaConsumer, apply: Callable[[Any], None], *, timeout_s: float = 300.0, limit: int | None = None
+) -> int:
+    """Feed ``apply`` every record of a reader's partitions from where it stands up to their end as
+    of now (``limit``: at most that many records); the reader then stands there, ready to follow.
+
+    The end is taken once, at the start; a partition is done when its position reaches it (positions,
+    not offsets seen: compaction leaves gaps). Records past the end may come in the last poll and are
+    applied too. Returns how many records were applied.
+    """
+    parts = list(reader.assignment())
+    end = reader.end_offsets(parts)
+    remaining = {tp for tp in parts if reader.position(tp) < end[tp]}
+    deadline = time.monotonic() + timeout_s
+    applied = 0
+    while remaining and (limit is None or applied < limit):
+        if time.monotonic() > deadline:
+            raise TopicError(f"not at the end of {sorted(str(tp) for tp in remaining)} after {timeout_s:.0f}s")
+        for records in reader.poll(timeout_ms=500, max_records=10_000).values():
+            for record in records:
+                if limit is not None and applied >= limit:
+                    break
+                apply(record)
+                applied += 1
+        remaining = {tp for tp in remaining if reader.position(tp) < end[tp]}
+    return applied
 
 
 # ==================================================================================================

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     review_include_flagged: bool = False  # also feed flag decisions to the review topic
     dead_letter_max_original_bytes: int = Field(1_048_576, ge=0)  # larger originals: a reference only
     publish_retries: int = Field(5, ge=0, le=100)  # re-sends of a record the broker refused
+    # The embeddings log: every decided image's embedding on the embeddings topic, for `moderator replay`.
+    embeddings_enabled: bool = True
+    embeddings_dtype: Literal["float16", "float32"] = "float16"  # float16: half the bytes, ~1e-3 score error
 
     # --- URL fetching (SSRF-safe) ---------------------------------------------------------------
     fetch_timeout_s: float = Field(10.0, gt=0, le=600)  # total per image, redirects included

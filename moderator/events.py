@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moderator.errors import ReasonError
@@ -220,6 +221,55 @@ class ReviewItem(_Record):
     decided_at: str
 
 
+EmbeddingDtype = Literal["float16", "float32"]
+
+
+class EmbeddingRecord(_Record):
+    """What the embeddings topic carries (key = event id; log-compacted: the latest record per event).
+
+    ``vector`` is the image's L2-normalized embedding as ``dim`` little-endian values of ``dtype``,
+    base64 (standard alphabet): ``np.frombuffer(base64.b64decode(vector), "<f2")`` for float16. A
+    replay compares decisions only between records of one ``model`` fingerprint.
+    """
+
+    event_id: str
+    model: str = Field(description="fingerprint of the model that computed the embedding")
+    dtype: EmbeddingDtype
+    dim: int = Field(ge=1)
+    vector: str = Field(description="dim little-endian values of dtype, base64")
+    source: Source
+    live: Decision = Field(description="the live decision: outcome, scores, rules that fired, policy name + version")
+    decided_at: str
+
+
+class ShadowDecisionRecord(_Record):
+    """What the shadow-decisions topic carries (key = event id): a shadow policy's decision of an
+    event beside the live one. A shadow decision never changes the live one, nor feeds the review queue."""
+
+    event_id: str
+    live: Decision
+    shadow: Decision
+    agree: bool = Field(description="the same outcome (flag, review or allow)")
+    source: Source
+    decided_at: str
+
+
+def encode_vector(row: np.ndarray, dtype: EmbeddingDtype) -> str:
+    """One embedding as an :class:`EmbeddingRecord` ``vector``."""
+    return base64.b64encode(np.ascontiguousarray(row, dtype="<f2" if dtype == "float16" else "<f4").tobytes()).decode()
+
+
+def decode_vectors(vectors: list[str], dtype: str, dim: int) -> np.ndarray:
+    """Many ``vector`` fields (of one dtype and dim) as float32 ``[N, dim]``, in one pass."""
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"unknown embedding dtype {dtype!r}")
+    raw = b"".join(base64.b64decode(v) for v in vectors)
+    values = np.frombuffer(raw, dtype="<f2" if dtype == "float16" else "<f4")
+    if values.size != len(vectors) * dim:
+        raise ValueError(f"expected {len(vectors)} vectors of {dim} {dtype} values, got {values.size} values")
+    return values.reshape(len(vectors), dim).astype(np.float32)
+
+
 class DeadLetter(_Record):
     """What the dead-letter topic carries: every event that could not be decided (key = event id)."""
 
@@ -249,11 +299,17 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# The record of each topic of the registry (``moderator/topics.py`` names them).
+RECORDS: dict[str, type[BaseModel]] = {
+    "ImageEvent": ImageEvent,
+    "DecisionRecord": DecisionRecord,
+    "ReviewItem": ReviewItem,
+    "DeadLetter": DeadLetter,
+    "EmbeddingRecord": EmbeddingRecord,
+    "ShadowDecisionRecord": ShadowDecisionRecord,
+}
+
+
 def schemas() -> dict[str, dict[str, Any]]:
     """JSON schemas of the input envelope and every output record (``moderator schema``)."""
-    return {
-        "ImageEvent": ImageEvent.model_json_schema(),
-        "DecisionRecord": DecisionRecord.model_json_schema(),
-        "ReviewItem": ReviewItem.model_json_schema(),
-        "DeadLetter": DeadLetter.model_json_schema(),
-    }
+    return {name: model.model_json_schema() for name, model in RECORDS.items()}

@@ -47,6 +47,18 @@ class _LineLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A logging handler that writes to the *current* ``sys.stderr``, as :class:`_LineLogger` does."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure_logging(
     level: str = "INFO", fmt: str = "auto", kafka_level: str = "WARNING", path: Path | None = None
 ) -> None:
@@ -69,7 +81,7 @@ def configure_logging(
     )
     # Libraries (kafka-python, transformers) log through the standard library: the same format on the
     # same stream (JSON lines with their logger's name), and only from WARNING up unless asked.
-    handler = logging.StreamHandler(file or sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(file) if file is not None else _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

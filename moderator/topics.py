@@ -44,6 +44,22 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("decisions", "decisions", "DecisionRecord", "output", "one decision per event", partitions=8),
     TopicSpec("review", "review", "ReviewItem", "output", "the review queue's feed"),
     TopicSpec("dead_letters", "dead-letters", "DeadLetter", "output", "events that could not be decided"),
+    TopicSpec(
+        "embeddings",
+        "embeddings",
+        "EmbeddingRecord",
+        "output",
+        "every decided image's embedding and live decision, for replay",
+        compacted=True,
+        partitions=8,
+    ),
+    TopicSpec(
+        "shadow_decisions",
+        "shadow-decisions",
+        "ShadowDecisionRecord",
+        "output",
+        "shadow policies' decisions beside the live ones",
+    ),
 )
 
 BY_KEY: dict[str, TopicSpec] = {t.key: t for t in TOPICS}

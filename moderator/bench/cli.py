@@ -70,7 +70,12 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--decode-schedule", choices=["auto", "overlap", "before_forward"], default="auto",
                    help="when images are decoded (MODERATOR_DECODE_SCHEDULE; auto: before_forward on CPU)")  # fmt: skip
     p.add_argument("--reference-images", type=int, help="images through the reference (default 24; CUDA 64)")
-    p.add_argument("--contenders", default="reference,engine,worker,ceiling")
+    p.add_argument(
+        "--contenders", help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka)"
+    )
+    p.add_argument(
+        "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"
+    )
     p.add_argument("--feed", choices=["kafka", "queue"], default="kafka",
                    help="queue: the worker fed from an in-process queue, for machines without Kafka")  # fmt: skip
     p.add_argument("--partitions", type=int, default=4, help="partitions of the benchmark's images topic")

@@ -11,6 +11,8 @@ import torch
 
 from moderator.random_init import ARCHITECTURES
 
+CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")
+
 
 class BenchError(RuntimeError):
     """The benchmark cannot run as asked; the message says why and what to change."""
@@ -33,7 +35,8 @@ class BenchOptions:
     decode_schedule: str = "auto"  # auto | overlap | before_forward (the worker's setting)
     reference_images: int = 24
     ceiling_batches: int = 6
-    contenders: tuple[str, ...] = ("reference", "engine", "worker", "ceiling")
+    contenders: tuple[str, ...] = ("reference", "engine", "worker", "ceiling", "replay")
+    log_records: int = 200_000  # embedding records in the replay contender's synthetic log
     feed: str = "kafka"  # kafka | queue
     partitions: int = 4
     kafka_bootstrap: str | None = None  # an existing broker instead of a local stack
@@ -46,6 +49,10 @@ class BenchOptions:
     seed: int = 0
 
     @property
+    def needs_kafka(self) -> bool:
+        return "replay" in self.contenders or ("worker" in self.contenders and self.feed == "kafka")
+
+    @property
     def threads(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
 
@@ -53,12 +60,23 @@ class BenchOptions:
         """Raise :class:`BenchError` naming the first option that cannot work."""
         if self.model is None and self.arch not in ARCHITECTURES:
             raise BenchError(f"unknown architecture {self.arch!r}: one of {', '.join(ARCHITECTURES)}, or --model")
-        unknown = set(self.contenders) - {"reference", "engine", "worker", "ceiling"}
+        unknown = set(self.contenders) - set(CONTENDERS)
         if unknown or not self.contenders:
-            raise BenchError(f"contenders are reference, engine, worker, ceiling; got {', '.join(self.contenders)}")
+            raise BenchError(f"contenders are {', '.join(CONTENDERS)}; got {', '.join(self.contenders)}")
         if self.feed not in ("kafka", "queue") or self.source not in ("inline", "url"):
             raise BenchError("feed is kafka or queue; source is inline or url")
-        for name in ("images", "distinct", "prompts", "batch", "reference_images", "ceiling_batches", "partitions"):
+        if "replay" in self.contenders and self.feed != "kafka":
+            raise BenchError("the replay contender reads the embeddings log from Kafka: --feed kafka")
+        for name in (
+            "images",
+            "distinct",
+            "prompts",
+            "batch",
+            "reference_images",
+            "ceiling_batches",
+            "partitions",
+            "log_records",
+        ):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name.replace('_', '-')} must be at least 1")
         if self.load_seconds <= 0 or self.decode_threads < 0 or self.max_delay_ms < 0:
@@ -104,7 +122,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         sizes=parse_sizes(args.sizes), source=args.source, prompts=args.prompts, batch=args.batch,
         max_delay_ms=args.max_delay_ms, decode_threads=args.decode_threads, decode_schedule=args.decode_schedule,
         reference_images=pick(args.reference_images, 24, 64, 8), ceiling_batches=6 if quick else 10,
-        contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()), feed=args.feed,
+        contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()) if args.contenders else
+        tuple(c for c in CONTENDERS if c != "replay" or args.feed == "kafka"), feed=args.feed,
+        log_records=pick(args.log_records, 200_000, 200_000, 50_000),
         partitions=args.partitions, kafka_bootstrap=args.kafka_bootstrap, kafka_api_version=args.kafka_api_version,
         redis_url=args.redis_url,
         load_levels=parse_ints(args.load) if args.load else ((50,) if quick else (25, 50, 75, 100)),

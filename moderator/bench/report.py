@@ -51,6 +51,19 @@ def render_table(report: dict[str, Any]) -> str:
         for x in c["worker"]["latency"]:
             lines.append(f"  {x['load_pct']:>3}% = {x['offered_per_s']:>8.2f}/s offered, {x['achieved_per_s']:>8.2f}/s"
                          f" decided: p50 {x['p50_ms']} ms, p95 {x['p95_ms']} ms, p99 {x['p99_ms']} ms")  # fmt: skip
+    if "replay" in c:
+        lines.append("\nreplay (moderator replay: re-deciding the embeddings log under a policy, no images):")
+        r = c["replay"]
+
+        def replay_line(what: str, x: dict[str, Any]) -> str:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in x["seconds"].items())
+            vs = f" = {x['over_worker']:.0f}x the worker's images/s" if "over_worker" in x else ""
+            return f"  {what}: {x['replayed']} in {x['total_s']:.2f} s ({parts}): {x['per_s']:,.0f}/s{vs}"
+
+        if "same_events" in r:
+            lines.append(replay_line("the worker's own events", r["same_events"]))
+        lines.append(replay_line(f"a {r['log']['records']:,}-record log", r["log"])
+                     + f"; produced in {r['log']['produce_s']:.1f} s")  # fmt: skip
     sweeps = report.get("sweeps", {})
     if "batch" in sweeps:
         lines.append("\nthroughput vs batch size:")

@@ -31,6 +31,7 @@ from moderator.bench.measure import (
     sweep_prompts,
 )
 from moderator.bench.options import BenchOptions
+from moderator.bench.replay_run import run_replay_contender
 from moderator.bench.worker_run import run_worker_contender
 from moderator.clip import PIPELINE_TEMPLATE, SUPPORTED_CHECKPOINTS, ClipEngine, checkpoint_available, zero_shot_probs
 from moderator.config import load_settings
@@ -116,9 +117,9 @@ def run_bench(
     report: dict[str, Any] = {}
     try:
         overrides: dict[str, Any] = {"redis_enabled": False}
-        if "worker" in opts.contenders and opts.feed == "kafka":
+        if opts.needs_kafka:
             progress("stack")
-            stack, overrides = _kafka_and_redis(opts, tmp / "stack", create_topics)
+            stack, overrides, create_topics = _kafka_and_redis(opts, tmp / "stack", create_topics)
         if opts.source == "url":
             server = ImageServer(distinct, tmp / "images")
             overrides["fetch_allow_networks"] = ("127.0.0.0/8",)
@@ -187,6 +188,11 @@ def run_bench(
             progress("worker")
             contenders["worker"] = run_worker_contender(opts, app, distinct, server, notes)
         ceiling_slice()
+        if "replay" in opts.contenders:
+            progress("replay")
+            assert create_topics is not None
+            contenders["replay"] = run_replay_contender(opts, app, policy, policy_dir, contenders.get("worker"),
+                                                        create_topics)  # fmt: skip
         if slices:
             median = sorted(slices, key=lambda r: r.images_per_s)[len(slices) // 2]
             contenders["ceiling"] = median.to_dict() | {
@@ -212,9 +218,9 @@ def run_bench(
 
 def _kafka_and_redis(
     opts: BenchOptions, stack_dir: Path, create_topics: Callable[[list[NewTopic]], None] | None
-) -> tuple[LocalStack | None, dict[str, Any]]:
+) -> tuple[LocalStack | None, dict[str, Any], Callable[[list[NewTopic]], None]]:
     """The worker's services: the ones named in ``opts``, a local stack for the others; fresh
-    topics. Returns the stack (to stop) and the settings that point at all of it."""
+    topics. Returns the stack (to stop), the settings that point at all of it, and how to make topics."""
     stack, overrides = None, {}
     if opts.kafka_bootstrap is None or opts.redis_url is None:
         stack = LocalStack(stack_dir)
@@ -238,7 +244,8 @@ def _kafka_and_redis(
         if stack is not None:
             stack.stop()
         raise
-    return stack, {**overrides, **names, "redis_key_prefix": "moderator-bench:emb:"}  # embeddings shared by runs
+    settings = {**overrides, **names, "redis_key_prefix": "moderator-bench:emb:"}  # text embeddings shared by runs
+    return stack, settings, create_topics
 
 
 def ratios(contenders: dict[str, Any]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moderator.observability import POLICY_RELOADS, get_logger
@@ -54,10 +54,30 @@ def default_problem(policies: dict[str, CompiledPolicy], configured: str | None)
 
 @dataclass(frozen=True)
 class PolicySet:
-    """An immutable snapshot: a batch takes one and scores with it from start to end."""
+    """An immutable snapshot: a batch takes one and scores with it from start to end.
+
+    ``policies`` are the live ones, which events name; ``shadows`` maps a live policy's name to the
+    shadow policies that decide its events beside it (``shadow_of``): never live, never named.
+    """
 
     policies: dict[str, CompiledPolicy]
     default: str | None
+    shadows: dict[str, tuple[CompiledPolicy, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, named: dict[str, CompiledPolicy], default: str | None) -> PolicySet:
+        """Live and shadow policies sorted out; a shadow of no loaded live policy is logged and left out."""
+        live = {n: p for n, p in named.items() if p.spec.shadow_of is None}
+        shadows: dict[str, list[CompiledPolicy]] = {}
+        for p in named.values():
+            target = p.spec.shadow_of
+            if target is None:
+                continue
+            if target in live:
+                shadows.setdefault(target, []).append(p)
+            else:
+                log.error("shadow_policy_without_live", policy=p.spec.name, shadow_of=target, file=p.source)
+        return cls(live, default_policy(live, default), {k: tuple(v) for k, v in shadows.items()})
 
     def get(self, name: str | None) -> CompiledPolicy:
         key = name or self.default
@@ -159,13 +179,14 @@ class PolicyRegistry:
                 errors.append((str(path), "name", f"policy {name!r} is already defined in {policies[name].source}"))
                 continue
             policies[name] = state.policy
-        problem = default_problem(policies, self.default_name)
+        live = {n: p for n, p in policies.items() if p.spec.shadow_of is None}
+        problem = default_problem(live, self.default_name)
         if problem is not None:
             errors.append((str(self.directory), "", problem))
         return policies
 
     def _swap(self, policies: dict[str, CompiledPolicy]) -> None:
-        self.current = PolicySet(policies, default_policy(policies, self.default_name))
+        self.current = PolicySet.of(policies, self.default_name)
         self.generation += 1
 
     def refresh(self) -> bool:

@@ -56,6 +56,11 @@ class PolicySpec(_Strict):
     owner: str | None = None
     model: str | None = Field(None, description="pin: only a worker serving this checkpoint may load it")
     default: bool = Field(False, description="decides events that name no policy (MODERATOR_DEFAULT_POLICY wins)")
+    shadow_of: str | None = Field(
+        None,
+        pattern=NAME_RE,
+        description="a shadow: decides every event of this live policy beside it, published apart, never live",
+    )
     templates: list[str] = Field(default_factory=lambda: ["a photo of {}."], min_length=1)
     neutral: list[str] = Field(default_factory=list, description="ordinary content every category is scored against")
     categories: list[Category] = Field(min_length=1)
@@ -82,14 +87,20 @@ class PolicySpec(_Strict):
             raise ValueError(f"duplicate category names: {dupes}")
         if not any(c.enabled for c in self.categories):
             raise ValueError("every category is disabled")
+        if self.shadow_of is not None and self.default:
+            raise ValueError("a shadow policy cannot be the default: it never decides an event")
+        if self.shadow_of == self.name:
+            raise ValueError("a policy cannot be its own shadow")
         return self
 
     def version(self) -> str:
         """Content hash of the normalized form: comments, key order and layout do not change it.
 
-        ``default`` is left out: it says which events the policy serves, not how it decides them.
+        ``default`` and ``shadow_of`` are left out: they say which events the policy serves, not how
+        it decides them.
         """
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"default"}), sort_keys=True, separators=(",", ":"))
+        normalized = self.model_dump(mode="json", exclude={"default", "shadow_of"})
+        canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

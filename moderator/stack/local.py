@@ -437,9 +437,11 @@ class LocalStack:
                     "num.network.threads": 2,
                     "num.io.threads": 2,
                     "num.recovery.threads.per.data.dir": 1,
-                    # Compacted topics (the registry's state topics) need the log cleaner.
+                    # Compacted topics (embeddings, ...) need the log cleaner. Its dedupe buffer bounds
+                    # the records of one segment it can clean (24 bytes each): 8 MiB stops the only
+                    # cleaner thread, for good, past ~315k records; 64 MiB allows ~2.5M.
                     "log.cleaner.enable": True,
-                    "log.cleaner.dedupe.buffer.size": 8 * 1024 * 1024,
+                    "log.cleaner.dedupe.buffer.size": 64 * 1024 * 1024,
                 }
             ),
         )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from kafka import TopicPartition
 
-from moderator.events import ParsedEvent, Source
+from moderator.events import Decision, ParsedEvent, Source, Timings
 from moderator.images import PreprocessSpec
 from moderator.worker.checkpoint import Receipt
 
@@ -52,6 +52,18 @@ class Event:
     def source(self) -> Source:
         return Source(topic=self.tp.topic, partition=self.tp.partition, offset=self.offset,
                       timestamp_ms=self.timestamp_ms)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One event's results from its batch: what its outputs are built from."""
+
+    event: Event
+    decision: Decision  # the live policy's
+    timings: Timings
+    decided_at: str
+    embedding: np.ndarray | None  # its row of the batch's embeddings, as stored (None: the log is off)
+    shadows: tuple[Decision, ...] = ()  # the live policy's shadow policies' decisions
 
 
 def ms(seconds: float) -> float:

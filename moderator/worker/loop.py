@@ -12,12 +12,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from moderator import observability as obs
 from moderator.config import Settings
 from moderator.errors import ReasonError
-from moderator.events import Decision, Timings, parse_event
+from moderator.events import parse_event
 from moderator.fetch import Fetcher
 from moderator.images import ImageLimits
 from moderator.policy import PolicyRegistry
 from moderator.worker.checkpoint import Checkpoint, describe
-from moderator.worker.event import Event, ImageEngine
+from moderator.worker.event import Decided, Event, ImageEngine
 from moderator.worker.outputs import Outputs, Publisher
 from moderator.worker.rebalance import RebalanceListener, rebalance_wait_budget
 from moderator.worker.stages import BatchStage, ImageStage, decode_before_forward
@@ -67,13 +67,14 @@ class Worker:
         self.batches = BatchStage(
             self, self.images, engine, registry, max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
+            embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
         )  # fmt: skip
         self._stopping = threading.Event()
         self.assigned = self.checkpoint.assigned  # set while partitions are assigned (readiness)
 
     # --- the stages' sink ---------------------------------------------------------------------------
-    def decided(self, e: Event, decision: Decision, timings: Timings, decided_at: str) -> None:
-        self.publisher.send(e, self.outputs.decided(e, decision, timings, decided_at))
+    def decided(self, result: Decided) -> None:
+        self.publisher.send(result.event, self.outputs.decided(result))
 
     def failed(self, e: Event, reason: str, message: str) -> None:
         self.publisher.send(e, [self.outputs.dead_letter(e, reason, message)])

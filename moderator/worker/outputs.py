@@ -25,17 +25,18 @@ from moderator import observability as obs
 from moderator.config import Settings
 from moderator.events import (
     DeadLetter,
-    Decision,
     DecisionRecord,
+    EmbeddingRecord,
     ImageRef,
     ReviewItem,
-    Timings,
+    ShadowDecisionRecord,
+    encode_vector,
     event_id_hint,
     review_priority,
     utc_now,
 )
 from moderator.worker.checkpoint import Checkpoint, Receipt
-from moderator.worker.event import Event
+from moderator.worker.event import Decided, Event
 
 log = obs.get_logger(__name__)
 
@@ -53,13 +54,19 @@ class Outputs:
         self.decisions = settings.topic("decisions")
         self.review = settings.topic("review")
         self.dead_letters = settings.topic("dead_letters")
+        self.embeddings = settings.topic("embeddings")
+        self.shadow_decisions = settings.topic("shadow_decisions")
+        self.embeddings_dtype = settings.embeddings_dtype
         self.review_include_flagged = settings.review_include_flagged
         self.dead_letter_max_original_bytes = settings.dead_letter_max_original_bytes
 
-    def decided(self, e: Event, d: Decision, timings: Timings, decided_at: str) -> list[OutRecord]:
+    def decided(self, result: Decided) -> list[OutRecord]:
+        """The decision; a review item for review decisions (and flag ones, if so configured); the
+        embedding with the live decision (when the log is on); one record per shadow decision."""
+        e, d, decided_at = result.event, result.decision, result.decided_at
         assert e.parsed is not None
         record = DecisionRecord(**d.model_dump(), event_id=e.parsed.id, metadata=e.parsed.metadata,
-                                source=e.source, timings=timings, decided_at=decided_at)  # fmt: skip
+                                source=e.source, timings=result.timings, decided_at=decided_at)  # fmt: skip
         out = [OutRecord(self.decisions, record.model_dump_json().encode())]
         if d.decision == "review" or (d.decision == "flag" and self.review_include_flagged):
             item = ReviewItem(
@@ -70,6 +77,17 @@ class Outputs:
                 metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
             )  # fmt: skip
             out.append(OutRecord(self.review, item.model_dump_json().encode()))
+        if result.embedding is not None:
+            embedding = EmbeddingRecord(
+                event_id=e.parsed.id, model=d.model, dtype=self.embeddings_dtype, dim=len(result.embedding),
+                vector=encode_vector(result.embedding, self.embeddings_dtype), source=e.source, live=d,
+                decided_at=decided_at,
+            )  # fmt: skip
+            out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
+        for shadow in result.shadows:
+            pair = ShadowDecisionRecord(event_id=e.parsed.id, live=d, shadow=shadow, source=e.source,
+                                        agree=shadow.decision == d.decision, decided_at=decided_at)  # fmt: skip
+            out.append(OutRecord(self.shadow_decisions, pair.model_dump_json().encode()))
         return out
 
     def dead_letter(self, e: Event, reason: str, message: str) -> OutRecord:

@@ -29,7 +29,7 @@ from moderator.events import Decision, Timings, utc_now
 from moderator.fetch import Fetcher
 from moderator.images import ImageLimits, load_image
 from moderator.policy import PolicyRegistry
-from moderator.worker.event import Event, ImageEngine, ms
+from moderator.worker.event import Decided, Event, ImageEngine, ms
 
 log = obs.get_logger(__name__)
 
@@ -37,7 +37,7 @@ log = obs.get_logger(__name__)
 class Sink(Protocol):
     """Where the stages send what they produce (the worker, which publishes)."""
 
-    def decided(self, e: Event, decision: Decision, timings: Timings, decided_at: str) -> None: ...
+    def decided(self, result: Decided) -> None: ...
 
     def failed(self, e: Event, reason: str, message: str) -> None: ...
 
@@ -148,8 +148,11 @@ class BatchStage:
         max_batch_size: int,
         max_delay_s: float,
         decode_threads: int,
+        embeddings_dtype: str | None,
     ) -> None:
         self.sink = sink
+        # The embeddings log: the batch's embeddings as stored (None: off).
+        self.stored_dtype = {"float16": torch.float16, "float32": torch.float32, None: None}[embeddings_dtype]
         self.images = images
         self.engine = engine
         self.registry = registry
@@ -222,6 +225,7 @@ class BatchStage:
         for i, e in enumerate(events):
             groups.setdefault(e.parsed.policy if e.parsed else None, []).append(i)
         decisions: list[Decision | None] = [None] * len(events)
+        shadows: list[list[Decision]] = [[] for _ in events]
         for name, rows in groups.items():
             try:
                 policy = snapshot.get(name)
@@ -231,6 +235,10 @@ class BatchStage:
                 continue
             for i, d in zip(rows, policy.decisions(embeds[rows]), strict=True):
                 decisions[i] = d
+            for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
+                for i, d in zip(rows, shadow.decisions(embeds[rows]), strict=True):
+                    shadows[i].append(d)
+        stored = None if self.stored_dtype is None else embeds.to(self.stored_dtype).cpu().numpy()
         score_s = time.perf_counter() - t1  # observed per policy group by CompiledPolicy.decisions
         t2 = time.perf_counter()
         log.info("batch_done", size=len(events), model_ms=ms(model_s), score_ms=ms(score_s),
@@ -238,7 +246,7 @@ class BatchStage:
         now = time.monotonic()
         decided_at = utc_now()
         wall_ms = time.time() * 1000
-        for e, decision, w in zip(events, decisions, waited, strict=True):
+        for i, (e, decision, w) in enumerate(zip(events, decisions, waited, strict=True)):
             if decision is None:
                 continue
             e.pixels = None
@@ -249,7 +257,8 @@ class BatchStage:
                 batch_wait_ms=ms(w), model_ms=ms(model_s), score_ms=ms(score_s), total_ms=ms(now - e.received),
                 end_to_end_ms=round(e2e, 3) if e2e is not None else None,
             )  # fmt: skip
-            self.sink.decided(e, decision, timings, decided_at)
+            embedding = None if stored is None else stored[i]
+            self.sink.decided(Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i])))
             obs.DECISIONS.labels(outcome=decision.decision).inc()
             obs.EVENT_LATENCY.observe(now - e.received)
             if e2e is not None:

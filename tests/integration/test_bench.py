@@ -19,7 +19,7 @@ PIPELINE_STAGES = {"decode", "preprocess", "transfer", "forward", "score", "publ
 
 
 def _check_contender_rates(report: dict) -> None:
-    rates = {k: v["images_per_s"] for k, v in report["contenders"].items()}
+    rates = {k: v["images_per_s"] for k, v in report["contenders"].items() if "images_per_s" in v}
     assert all(r > 0 for r in rates.values()), rates
     for name, value in report["ratios"].items():
         a, b = name.split("_over_")
@@ -31,10 +31,10 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
         arch="tiny", model=str(tiny_clip_dir), images=96, distinct=16, batch=16, reference_images=4,
         ceiling_batches=2, load_levels=(50,), load_seconds=2, kafka_bootstrap=kafka_service.bootstrap_servers,
         kafka_api_version=kafka_service.api_version, redis_url=redis_service.url, sweep_batch=(8,),
-        sweep_prompts=(4, 20),
+        sweep_prompts=(4, 20), log_records=3000,
     )  # fmt: skip
     report = run_bench(opts, create_topics=kafka_service.create_topics)
-    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling"}
+    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling", "replay"}
     _check_contender_rates(report)
     assert set(report["ratios"]) >= {"worker_over_ceiling", "worker_over_reference", "engine_over_reference"}
 
@@ -64,8 +64,18 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
     assert small["texts_encoded_first"] == 0  # its 4 prompts are among the 12 already compiled
     assert large["texts_encoded_first"] == 8 and large["texts_encoded_again"] == 0  # the text cache at work
 
+    replay = report["contenders"]["replay"]
+    same, log = replay["same_events"], replay["log"]
+    decided = worker["images"] + load["decided"]
+    assert same["replayed"] == decided  # the worker's own events, each once, from its embeddings log
+    assert log["replayed"] == log["records"] == 3000
+    for x in (same, log):
+        assert set(x["seconds"]) == {"read", "parse", "decode", "decide"} and x["per_s"] > 0
+        assert x["over_worker"] == pytest.approx(x["per_s"] / worker["images_per_s"], rel=0.01)
+
     table = render_table(report)
-    for name in ("reference", "engine", "worker", "ceiling", "latency vs offered load", "throughput vs prompts"):
+    for name in ("reference", "engine", "worker", "ceiling", "latency vs offered load", "throughput vs prompts",
+                 "3,000-record log"):  # fmt: skip
         assert name in table
     json.dumps(report)  # every figure is plain JSON
 

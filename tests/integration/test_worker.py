@@ -118,7 +118,7 @@ def test_worker_killed_mid_stream_loses_nothing(worker_settings, tmp_path, sig):
     settings = worker_settings(partitions=4, max_in_flight=max_in_flight)
     items = images(600, seed=1)
     produce(settings, [(eid, inline_event(eid, data)) for eid, data in items])
-    out = Outputs(settings)
+    out = Outputs(settings, kinds=("decisions", "review", "dead_letters", "embeddings"))
     first = WorkerProcess(settings, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 120
@@ -140,6 +140,11 @@ def test_worker_killed_mid_stream_loses_nothing(worker_settings, tmp_path, sig):
             assert duplicates == 0
         else:
             assert duplicates <= max_in_flight, duplicates
+        # The embeddings log is covered too: every decided event has its embedding (duplicates share
+        # the key, so the compacted log holds one per event), and no embedding lacks a decision.
+        time.sleep(1)
+        out.poll()
+        assert set(out.ids("embeddings")) == set(out.ids("decisions"))
     finally:
         second.signal(signal.SIGTERM)
         assert second.wait(60) == 0, second.tail()

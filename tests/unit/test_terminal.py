@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moderator.cli import main
 from moderator import terminal
+from moderator.cli import main
 from moderator.terminal import table
 
 ROOT = Path(__file__).resolve().parents[2]

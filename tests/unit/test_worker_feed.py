@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from moderator.app import App
 from moderator.config import Settings
+from moderator.events import decode_vectors
+from moderator.images import ImageLimits, load_image
 from moderator.policy import PolicyError
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.worker import EXIT_OK, EXIT_PUBLISH_FAILED
@@ -71,9 +76,9 @@ def test_refused_records_are_re_sent_and_the_event_is_committed_once_acknowledge
     app = App(_settings(publish_retries=3), engine=tiny_engine)
     feed = QueueFeed(app.settings.topic("images"))
     feed.put(b"a", _event("a", 1))
-    feed.refuse(2)  # the broker refuses the first two sends
+    feed.refuse(2)  # the broker refuses the first two sends: the decision and the embedding
     assert _run(app, feed, 1) == EXIT_OK
-    assert feed.sends == 3 and [o.key for o in feed.outputs] == [b"a"]
+    assert feed.sends == 4 and {(o.topic, o.key) for o in feed.outputs} == {("decisions", b"a"), ("embeddings", b"a")}
     assert feed.committed == {feed.tp: 1}
 
 
@@ -84,7 +89,7 @@ def test_a_record_refused_beyond_the_retries_stops_the_worker_uncommitted(tiny_e
     feed.refuse(100)
     worker = app.worker(consumer=feed, producer=feed)
     assert worker.run(install_signals=False) == EXIT_PUBLISH_FAILED  # stops by itself
-    assert feed.sends == 2 and feed.outputs == [] and feed.committed == {}
+    assert feed.sends == 4 and feed.outputs == [] and feed.committed == {}  # 2 records, sent twice each
 
 
 def test_several_policies_and_no_default_are_refused_at_start_naming_the_setting(tmp_path, tiny_engine):
@@ -97,3 +102,56 @@ def test_several_policies_and_no_default_are_refused_at_start_naming_the_setting
     assert app.policies.current.default == "two"
     with pytest.raises(PolicyError, match="MODERATOR_DEFAULT_POLICY=three names no loaded policy"):
         App(_settings(policy_dir=tmp_path, default_policy="three"), engine=tiny_engine).policies  # noqa: B018
+
+
+def _outputs(feed: QueueFeed) -> dict[str, dict[str, dict]]:
+    by_topic: dict[str, dict[str, dict]] = {}
+    for o in feed.outputs:
+        by_topic.setdefault(o.topic, {})[o.key.decode()] = json.loads(o.value)
+    return by_topic
+
+
+def test_the_embedding_record_holds_the_vector_and_the_live_decision(tiny_engine):
+    app = App(_settings(), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 7))
+    assert _run(app, feed, 1) == EXIT_OK
+    out = _outputs(feed)
+    record, decision = out["embeddings"]["a"], out["decisions"]["a"]
+    assert (record["model"], record["dtype"], record["dim"]) == (tiny_engine.fingerprint, "float16", 16)
+    assert record["live"] == {k: decision[k] for k in ("decision", "scores", "triggered", "policy", "model")}
+    pixels = load_image(jpeg_bytes(photo_like(40, 30, seed=7)), ImageLimits(), tiny_engine.spec)
+    want = tiny_engine.encode_images(pixels[None]).numpy()
+    got = decode_vectors([record["vector"]], "float16", 16)
+    assert np.abs(got - want).max() <= 2**-11 * np.abs(want).max()  # float16's rounding, nothing more
+
+
+def test_no_embedding_record_when_the_log_is_off(tiny_engine):
+    app = App(_settings(embeddings_enabled=False), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 1))
+    assert _run(app, feed, 1) == EXIT_OK
+    assert set(_outputs(feed)) == {"decisions"}
+
+
+def test_a_shadow_policy_decides_beside_the_live_one_and_cannot_be_named(tmp_path, tiny_engine):
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    raw = yaml.safe_load((policies / "kids-platform.yaml").read_text())
+    shadow = {**raw, "name": "kids-strict", "shadow_of": "kids-platform",
+              "categories": [{**c, "review": 0.0} for c in raw["categories"]]}  # fmt: skip
+    (policies / "kids-strict.yaml").write_text(yaml.safe_dump(shadow))
+    app = App(_settings(policy_dir=policies), engine=tiny_engine)
+    assert set(app.policies.current.policies) == {"community-standards", "kids-platform"}
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"k", _event("k", 1, policy="kids-platform"))
+    feed.put(b"c", _event("c", 2))  # community-standards: it has no shadow
+    feed.put(b"s", _event("s", 3, policy="kids-strict"))  # a shadow is never live
+    assert _run(app, feed, 3) == EXIT_OK
+    out = _outputs(feed)
+    assert set(out["shadow-decisions"]) == {"k"} and out["dead-letters"]["s"]["reason"] == "unknown_policy"
+    pair = out["shadow-decisions"]["k"]
+    assert pair["shadow"]["policy"]["name"] == "kids-strict" and pair["shadow"]["decision"] != "allow"
+    assert pair["live"]["decision"] == out["decisions"]["k"]["decision"]
+    assert pair["agree"] == (pair["live"]["decision"] == pair["shadow"]["decision"])
+    assert "k" not in out.get("review", {}) or out["decisions"]["k"]["decision"] == "review"  # the shadow feeds none
