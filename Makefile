@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: help setup system-deps test unit integration lint demo stack-up stack-down clean
 
@@ -13,12 +14,13 @@ help:
 	@echo "make demo    run the main job on a local Kafka + Redis stack"
 	@echo "make unit    unit tests only (no servers);  make lint    ruff and mypy"
 
-# System packages the local stack needs: redis-server and a Java runtime for Kafka.
+# System packages: redis-server and a Java runtime for the local stack's Kafka; chromium for the console's UI tests.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -53,7 +55,7 @@ lint: setup
 	$(BIN)/mypy
 
 demo: setup
-	$(BIN)/moderator demo
+	$(BIN)/moderator demo $(ARGS)
 
 stack-up:
 	$(BIN)/moderator stack up

@@ -179,6 +179,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     baseline = Path(args.baseline) if args.baseline else None
     report = run_replay(_app(args), Path(args.policy), baseline, limit=args.max, tolerance=args.tolerance)
+    missing = [c.text for c in conditions if c.metric not in report["metrics"]]
+    if missing:
+        print(
+            f"moderator: --fail-if {', '.join(missing)}: no reviewer verdicts on the replayed events", file=sys.stderr
+        )
+        return 2
     failed = check(conditions, report["metrics"])
     report["fail_if"] = {"conditions": [c.text for c in conditions], "failed": failed}
     if terminal.wants_json(args.json):
@@ -193,6 +199,57 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
     report = shadow_report(_app(args), args.policy, args.max)
     print(json.dumps(report) if terminal.wants_json(args.json) else render_shadow(report))
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    import signal
+
+    from moderator.app import App
+    from moderator.console import Console, ConsoleConfigError
+
+    try:
+        console = Console(App(load_settings()), dev=args.dev)
+    except ConsoleConfigError as exc:
+        print(f"moderator console: {exc}", file=sys.stderr)
+        return 2
+    console.start()
+    if console.dev_login is not None:
+        name, password = console.dev_login
+        bar = "!" * 78
+        lines = ["DEVELOPMENT MODE: a throwaway reviewer account, not for real content or reviewers.",
+                 f"Sign in at {console.url} as {name} / {password}"]  # fmt: skip
+        print("\n".join([bar, *(f"! {line}" for line in lines), bar]), file=sys.stderr, flush=True)
+    print(f"moderator console: {console.url}", flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(console.server, "should_exit", True))
+    try:
+        console.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.stop()
+    return 0
+
+
+def cmd_console_add_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from moderator.console.auth import USERNAME_RE, hash_password
+
+    if not USERNAME_RE.match(args.name):
+        print("moderator console add-user: a name is 1-64 of letters, digits and _ . @ -", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if password != getpass.getpass("again: "):
+            print("moderator console add-user: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("moderator console add-user: a password has at least 8 characters", file=sys.stderr)
+        return 1
+    print(f"{args.name}:{hash_password(password)}")
     return 0
 
 
@@ -309,7 +366,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moderator.demo import run_demo
 
-    return run_demo(count=args.count)
+    return run_demo(count=args.count, console=args.console)
 
 
 # ==================================================================================================
@@ -397,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
     p.set_defaults(func=cmd_shadow)
 
+    p = sub.add_parser("console", help="the review console: reviewers decide in a browser, verdicts go to Kafka")
+    p.add_argument("--dev", action="store_true", help="development only: a throwaway account, said on every page")
+    p.set_defaults(func=cmd_console)
+    csub = p.add_subparsers(dest="console_command")
+    pa = csub.add_parser("add-user", help="print a reviewer accounts-file line (asks for the password)")
+    pa.add_argument("name")
+    pa.set_defaults(func=cmd_console_add_user)
+
     p = sub.add_parser("produce", help="publish image events (files inline, http(s) URLs by reference)")
     p.add_argument("items", nargs="+", metavar="PATH_OR_URL", help="image files, directories or URLs")
     mode = p.add_mutually_exclusive_group()
@@ -432,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job end to end on a local stack, with sample images")
     p.add_argument("--count", type=int, default=24, help="sample images to publish")
+    p.add_argument("--console", action="store_true",
+                   help="then serve the review console on that stack (a development login) until Ctrl-C")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("models", help="the supported checkpoints and whether each is available locally")

@@ -135,7 +135,8 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
 def make_reader(
     settings: Settings, topics: Sequence[str], *, from_beginning: bool = True, **overrides: Any
 ) -> KafkaConsumer:
-    """A group-less consumer assigned every partition of ``topics``, at their beginning (or end).
+    """A group-less consumer assigned every partition of ``topics``, at their beginning (or end); with
+    no topics, one to assign and seek as the caller needs.
 
     Raises :class:`TopicError` naming the topics that do not exist.
     """
@@ -157,9 +158,9 @@ def make_reader(
             "create them (moderator topics create) or check MODERATOR_TOPIC_*"
         )
     consumer.assign(parts)
-    if from_beginning:
+    if parts and from_beginning:
         consumer.seek_to_beginning(*parts)
-    else:
+    elif parts:
         consumer.seek_to_end(*parts)
     return consumer
 

@@ -30,6 +30,10 @@ METRICS = (
     "flag_volume_increase",  # the same for flags
     "flag_recall_drop",  # share of the baseline's flags the candidate does not flag
     *(f"{a}->{b}" for a in OUTCOME_NAMES for b in OUTCOME_NAMES if a != b),  # share of events per transition
+    # With reviewer verdicts (the console's verdicts topic), on the verdict-labelled events, weighted:
+    "flag_precision_drop",  # baseline flag precision - candidate's
+    "flag_recall_drop_verdicts",  # baseline flag recall - candidate's
+    "caught_recall_drop",  # the same for flag-or-review
 )
 
 
@@ -196,6 +200,25 @@ def merge(parts: dict[str, Comparison]) -> Comparison:
         candidate_volume=total([empty, *(c.candidate_volume for c in parts.values())]),
         tolerance=max((c.tolerance for c in parts.values()), default=0.0),
     )
+
+
+def verdict_metrics(codes: np.ndarray, violation: np.ndarray, weight: np.ndarray) -> dict[str, float | None]:
+    """Precision and recall of a side's decisions on verdict-labelled events, each weighted by the
+    inverse of its chance to be reviewed (1 for review decisions, 1/rate for audit samples).
+
+    ``flag_*``: flag decisions as the positives; ``caught_recall``: flag or review (what reaches a
+    person or is acted on) over the violations."""
+    flagged, caught = codes == 2, codes >= 1
+    positives = float(weight[violation].sum())
+
+    def ratio(num: float, den: float) -> float | None:
+        return round(num / den, 4) if den > 0 else None
+
+    return {
+        "flag_precision": ratio(float(weight[flagged & violation].sum()), float(weight[flagged].sum())),
+        "flag_recall": ratio(float(weight[flagged & violation].sum()), positives),
+        "caught_recall": ratio(float(weight[caught & violation].sum()), positives),
+    }
 
 
 def unstable_within(scores: np.ndarray, flag: np.ndarray, review: np.ndarray, tolerance: float) -> np.ndarray:

@@ -126,6 +126,23 @@ class Settings(BaseSettings):
     policy_dir: Path = Path("policies")
     default_policy: str | None = None
 
+    # --- The review console (moderator console) ------------------------------------------------
+    console_host: str = "127.0.0.1"  # where the console listens (behind a TLS proxy in production)
+    console_port: int = Field(8081, ge=0, le=65535)  # 0 = a free port
+    # Reviewer accounts: a file of `name:$scrypt$...` lines (moderator console add-user NAME), and/or
+    # a header set by an authenticating proxy, trusted only from console_trusted_proxies.
+    console_accounts_file: Path | None = None
+    console_trusted_user_header: str | None = None  # e.g. X-Forwarded-User
+    console_trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+    console_secret_key: SecretStr | None = None  # signs session cookies; share it between replicas
+    console_https: bool = False  # behind TLS: Secure cookies and Strict-Transport-Security
+    console_allowed_origins: tuple[str, ...] = ()  # the public origin(s), e.g. https://review.example.com
+    console_session_hours: float = Field(8.0, gt=0, le=168)
+    console_lease_s: float = Field(300.0, ge=1, le=86_400)  # a claim returns to the queue after this
+    console_grid_size: int = Field(12, ge=1, le=100)
+    console_group_id: str = "moderator-console"  # its own consumer group on the review topic
+    console_redis_prefix: str = "moderator:console:"
+
     # --- Observability --------------------------------------------------------------------------
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)  # /metrics, /healthz, /readyz; 0 = a free port

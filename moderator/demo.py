@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from moderator.app import App
 from moderator.clip import SUPPORTED_CHECKPOINTS, ClipEngine, ModelLoadError
 from moderator.config import Settings, load_settings
 from moderator.observability import configure_logging
+from moderator.policy import PolicyError
 from moderator.random_init import cached_random_checkpoint
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.stack import LocalStack, default_cache_dir
@@ -165,11 +167,51 @@ def print_report(ids: list[str], out: Outputs) -> None:
     print(f"review feed: {len(review)} item(s), highest priority first")
     for r in sorted(review, key=lambda r: -r["priority"]):
         reasons = ", ".join(f"{t['category']} {t['score']:.2f}>={t['threshold']}" for t in r["reasons"])
+        if r.get("sampled"):
+            reasons = f"audit sample of an {r['decision']} decision (rate {r['sample_rate']:g}) {reasons}".rstrip()
         print(f"  priority {r['priority']:>3}  {r['event_id']:<20} {r['policy']['name']:<20} {reasons}")
     print()
 
 
-def run_demo(count: int = 24, log_path: Path | None = None) -> int:
+def audited_policies(source: Path, target: Path) -> Path:
+    """The policy directory with half of community-standards' allow decisions (and every flag) sampled
+    for audit, so that the console has items to show even when the model allows nearly everything."""
+    if not source.is_dir():
+        raise PolicyError([(str(source), "", "policy directory does not exist (set MODERATOR_POLICY_DIR)")])
+    shutil.copytree(source, target)
+    path = target / "community-standards.yaml"
+    path.write_text(path.read_text() + "\n# Added by `moderator demo --console`:\naudit: {allow: 0.5, flag: 1.0}\n")
+    return target
+
+
+def serve_console(app: App) -> None:
+    """The review console on the demo's stack until Ctrl-C, with a throwaway development login."""
+    from moderator.console import Console
+
+    settings = app.settings
+    if not port_free(settings.console_host, settings.console_port):
+        settings = settings.model_copy(update={"console_port": 0})
+    console = Console(App(settings, engine=app.engine), dev=True).start()
+    name, password = console.dev_login or ("", "")
+    pending, _ = console.queue.depth()
+    print(f"\nreview console: {console.url}  (development login: {name} / {password})")
+    print(f"{pending} item(s) to review. Ctrl-C stops the console and the stack.", flush=True)
+    try:
+        console.wait()
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        console.stop()
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def run_demo(count: int = 24, log_path: Path | None = None, console: bool = False) -> int:
     env = load_settings()
     log_path = log_path or Path(tempfile.gettempdir()) / "moderator-demo.log"
     log_path.unlink(missing_ok=True)
@@ -183,7 +225,14 @@ def run_demo(count: int = 24, log_path: Path | None = None) -> int:
         print("starting a local Kafka + Redis ...", flush=True)
         try:
             info = stack.start(kafka=True, redis=True, topics=env.new_topics())
-            settings = load_settings(**info.settings_overrides(), kafka_group_id="moderator-demo", http_port=0)
+            overrides: dict[str, Any] = {
+                **info.settings_overrides(),
+                "kafka_group_id": "moderator-demo",
+                "http_port": 0,
+            }
+            if console:
+                overrides["policy_dir"] = audited_policies(env.policy_dir, Path(tmp) / "policies")
+            settings = load_settings(**overrides)
             print(f"loading {settings.model_id} ...", flush=True)
             app = App(settings, engine=load_demo_engine(settings))
             policies = app.policies.current
@@ -208,6 +257,8 @@ def run_demo(count: int = 24, log_path: Path | None = None) -> int:
             print_report(ids, out)
             decided = sum(1 for i in ids if i in out["decisions"] or i in out["dead_letters"])
             print(f"{decided}/{len(ids)} events have a record, in {elapsed:.1f}s; model {app.engine.fingerprint}")
+            if console:
+                serve_console(app)
             return 0 if decided == len(ids) else 1
         finally:
             stack.stop()

@@ -205,8 +205,31 @@ class ImageRef(_Record):
     bytes: int
 
 
+class TextMatch(_Record):
+    text: str
+    similarity: float = Field(description="cosine similarity of the image and the text's ensemble embedding")
+
+
+class CategoryExplanation(_Record):
+    """Why an image scored as it did in one category (what ``moderator policy explain`` prints)."""
+
+    category: str
+    score: float
+    flag: float
+    review: float
+    rule_fired: Literal["flag", "review"] | None
+    closest_descriptions: list[TextMatch]
+    closest_contrasts: list[TextMatch]
+    closest_neutral: list[TextMatch]
+
+
 class ReviewItem(_Record):
-    """What the review topic carries: what a reviewer's tool needs (key = event id)."""
+    """What the review topic carries: what a reviewer's tool needs (key = event id).
+
+    ``sampled`` items are audit samples: allow or flag decisions chosen at random at ``sample_rate``
+    (the policy's ``audit``), so that verdicts also measure what the review band never sees. Weight
+    a sampled verdict by ``1 / sample_rate`` to estimate over all traffic.
+    """
 
     event_id: str
     decision: Outcome
@@ -219,6 +242,31 @@ class ReviewItem(_Record):
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: Source
     decided_at: str
+    sampled: bool = Field(False, description="an audit sample of an allow or flag decision, not a review decision")
+    sample_rate: float | None = Field(None, description="the audit rate it was sampled at (sampled items)")
+    explanation: list[CategoryExplanation] = Field(default_factory=list, description="per category: the closest texts")
+
+
+VerdictKind = Literal["confirm", "overturn", "escalate"]
+FINAL_VERDICTS: tuple[VerdictKind, ...] = ("confirm", "overturn")  # escalate waits for one of these
+
+
+class Verdict(_Record):
+    """What the verdicts topic carries (key = event id; compacted). The latest record of an event id
+    is its current verdict (one key, one partition: topic order is time order); ``revision`` counts
+    the changes. A resubmitted identical verdict is not published again."""
+
+    event_id: str
+    verdict: VerdictKind = Field(description="confirm: a violation; overturn: allowed; escalate: for a senior")
+    categories: list[str] = Field(default_factory=list, description="the confirmed categories (confirm)")
+    reviewer: str = Field(description="the authenticated reviewer, never a name the browser sent")
+    note: str = Field("", max_length=2000)
+    revision: int = Field(1, ge=1)
+    judged: Decision = Field(description="the decision this verdict judges")
+    sampled: bool = False
+    sample_rate: float | None = None
+    decided_at: str = Field(description="when the judged decision was made")
+    reviewed_at: str
 
 
 EmbeddingDtype = Literal["float16", "float32"]
@@ -307,6 +355,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "DeadLetter": DeadLetter,
     "EmbeddingRecord": EmbeddingRecord,
     "ShadowDecisionRecord": ShadowDecisionRecord,
+    "Verdict": Verdict,
 }
 
 

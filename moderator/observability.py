@@ -169,6 +169,32 @@ END_TO_END = Histogram(
     registry=REGISTRY,
 )
 
+# The review console (moderator/console/)
+CONSOLE_QUEUE = Gauge(
+    "moderator_console_queue_depth", "Review items waiting, by state", ["state"], registry=REGISTRY
+)  # state: pending (no verdict yet), escalated (waiting for a final verdict)
+CONSOLE_CLAIMS = Counter("moderator_console_claims_total", "Review items claimed by a reviewer", registry=REGISTRY)
+CONSOLE_LEASE_EXPIRIES = Counter(
+    "moderator_console_lease_expiries_total",
+    "Claims that expired without a verdict (the item returned)",
+    registry=REGISTRY,
+)
+CONSOLE_VERDICTS = Counter(
+    "moderator_console_verdicts_total", "Verdicts published, by verdict", ["verdict"], registry=REGISTRY
+)
+CONSOLE_DECISION_TO_VERDICT = Histogram(
+    "moderator_console_decision_to_verdict_seconds",
+    "From the decision to its verdict",
+    buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86_400, 3 * 86_400, 7 * 86_400),
+    registry=REGISTRY,
+)
+CONSOLE_REVEALS = Counter(
+    "moderator_console_images_revealed_total",
+    "Images a reviewer unblurred: an exposure figure to watch, per reviewer",
+    ["reviewer"],
+    registry=REGISTRY,
+)
+
 READY = Gauge("moderator_ready", "1 when every readiness check passes", registry=REGISTRY)
 
 

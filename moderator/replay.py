@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from moderator.app import App
-from moderator.clients import read_to_end
-from moderator.comparison import Comparison, Side, compare, merge, unstable_within
-from moderator.events import decode_vectors
+from moderator.clients import TopicError, read_to_end
+from moderator.comparison import Comparison, Side, compare, merge, unstable_within, verdict_metrics
+from moderator.events import FINAL_VERDICTS, Verdict, decode_vectors
 from moderator.observability import get_logger
 from moderator.policy import CompiledPolicy, load_spec, policy_files
 
@@ -108,6 +108,29 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
     return LoggedEvents(ids, out, live, dtype, read, skipped, {k: round(v, 3) for k, v in seconds.items()})
 
 
+def read_verdicts(app: App) -> dict[str, Verdict]:
+    """The current verdict of every judged event (the latest revision); empty without a verdicts topic."""
+    current: dict[str, Verdict] = {}
+
+    def apply(record: Any) -> None:
+        if record.value is None:
+            return
+        verdict = Verdict.model_validate_json(record.value)
+        known = current.get(verdict.event_id)
+        if known is None or verdict.revision >= known.revision:
+            current[verdict.event_id] = verdict
+
+    try:
+        reader = app.reader(["verdicts"])
+    except TopicError:
+        return {}
+    try:
+        read_to_end(reader, apply)
+    finally:
+        reader.close(autocommit=False)
+    return current
+
+
 def storage_tolerance(logit_scale: float, dim: int, dtype: str) -> float:
     """How far a stored embedding's rounding may move a score (3x and more above what was measured)."""
     return logit_scale * EPSILON[dtype] / math.sqrt(max(dim, 1))
@@ -165,6 +188,8 @@ def run_replay(
     logged = read_log(app, engine.fingerprint, limit)
     tol = tolerance if tolerance is not None else storage_tolerance(engine.logit_scale, engine.embed_dim, logged.dtype)
     names = np.array(logged.policies, dtype=object)
+    verdicts = read_verdicts(app)
+    labelled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # base, cand, violation, weight
     per_policy: dict[str, Comparison] = {}
     skipped_other_policy = skipped_pinned = 0
     t0 = time.perf_counter()
@@ -185,8 +210,30 @@ def run_replay(
             categories = tuple(dict.fromkeys(c for i in rows for c in logged.live[i]["scores"]))
             base = stored_side([logged.live[i] for i in rows], categories)
         per_policy[name] = compare([logged.ids[i] for i in rows], base, cand, unstable=unstable, tolerance=tol)
+        judged = [
+            (k, v) for k, i in enumerate(rows) if (v := verdicts.get(logged.ids[i])) and v.verdict in FINAL_VERDICTS
+        ]
+        if judged:
+            at = np.array([k for k, _ in judged])
+            violation = np.array([v.verdict == "confirm" for _, v in judged])
+            weight = np.array([1.0 / v.sample_rate if v.sampled and v.sample_rate else 1.0 for _, v in judged])
+            labelled.append((base.codes[at], cand.codes[at], violation, weight))
     decide_s = time.perf_counter() - t0
     total = merge(per_policy)
+    if labelled:
+        base_codes, cand_codes, violation, weight = (np.concatenate(parts) for parts in zip(*labelled, strict=True))
+        before, after = verdict_metrics(base_codes, violation, weight), verdict_metrics(cand_codes, violation, weight)
+        total.extra["verdicts"] = {
+            "labelled": len(violation), "violations": int(violation.sum()), "sampled": int((weight > 1).sum()),
+            "baseline": before, "candidate": after,
+        }  # fmt: skip
+        drops = {"flag_precision_drop": "flag_precision", "flag_recall_drop_verdicts": "flag_recall",
+                 "caught_recall_drop": "caught_recall"}  # fmt: skip
+        total.extra["metrics"] = {
+            metric: (before[key] or 0.0) - (after[key] or 0.0)
+            for metric, key in drops.items()
+            if before[key] is not None and after[key] is not None
+        }
     return {
         **total.to_dict(),
         "skipped_other_model": logged.skipped_other_model + skipped_pinned,
@@ -287,6 +334,19 @@ def render(report: dict[str, Any], failed: Iterable[str] = ()) -> str:
         for c in moved:
             lines.append(f"{c['category']:<32}{c['flag_up']:>8}{c['flag_down']:>8}{c['review_up']:>10}"
                          f"{c['review_down']:>10}")  # fmt: skip
+    if "verdicts" in report:
+        v = report["verdicts"]
+
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{x:.1%}"
+
+        lines += ["", f"on {v['labelled']} events with a reviewer's verdict ({v['violations']} violations, "
+                      f"{v['sampled']} audit samples weighted by 1/rate):",
+                  f"{'':<12}{'flag precision':>16}{'flag recall':>14}{'flag or review recall':>24}"]  # fmt: skip
+        for side in ("baseline", "candidate"):
+            m = v[side]
+            lines.append(f"{side:<12}{pct(m['flag_precision']):>16}{pct(m['flag_recall']):>14}"
+                         f"{pct(m['caught_recall']):>24}")  # fmt: skip
     if report["examples"]:
         lines += ["", "examples:"] + [f"  {k}: {', '.join(v)}" for k, v in report["examples"].items()]
     for line in failed:

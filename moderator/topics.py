@@ -60,6 +60,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         "output",
         "shadow policies' decisions beside the live ones",
     ),
+    TopicSpec("verdicts", "verdicts", "Verdict", "state", "reviewers' verdicts (moderator console)", compacted=True),
 )
 
 BY_KEY: dict[str, TopicSpec] = {t.key: t for t in TOPICS}

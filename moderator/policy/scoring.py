@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderator.events import Decision, Outcome, PolicyRef, Trigger
+from moderator.events import CategoryExplanation, Decision, Outcome, PolicyRef, TextMatch, Trigger
 from moderator.observability import STAGE_SECONDS, get_logger
 from moderator.policy.spec import PolicyError, PolicySpec
 
@@ -180,37 +180,45 @@ def assemble(
     )
 
 
-def explain(policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3) -> dict[str, Any]:
-    """Why an image scored as it did: per category, score, thresholds, closest texts, the rule."""
-    sims = (image_embed.float().reshape(1, -1) @ policy.matrix).reshape(-1).cpu().numpy()
-    scores = policy.scores(image_embed.reshape(1, -1))[0]
-    decision = policy.decide(scores[None])[0]
+def explanations(policy: CompiledPolicy, image_embeds: torch.Tensor, top: int = 3) -> list[list[CategoryExplanation]]:
+    """Why each image scored as it did: per enabled category, the score against its thresholds and
+    the closest descriptions, contrasts and neutral prompts (one product for the whole batch)."""
+    sims = (image_embeds.float() @ policy.matrix).cpu().numpy()  # [B, P]
+    scores = policy.scores(image_embeds)
     index = {t: i for i, t in enumerate(policy.texts)}
-    cats = []
-    for j, c in enumerate([c for c in policy.spec.categories if c.enabled]):
-        s = float(scores[j])
-        rule = "flag" if s >= c.flag else "review" if s >= c.review else None
+    enabled = [c for c in policy.spec.categories if c.enabled]
+    columns = [([index[t] for t in c.descriptions], [index[t] for t in c.contrasts]) for c in enabled]
+    neutral = [index[t] for t in policy.spec.neutral]
+    order = np.argsort(-sims, axis=1)  # per image, the texts from the closest
 
-        def closest(texts: list[str]) -> list[dict[str, Any]]:
-            ranked = sorted(texts, key=lambda t: -sims[index[t]])[:top]
-            return [{"text": t, "similarity": round(float(sims[index[t]]), 6)} for t in ranked]
+    def closest(row: int, cols: list[int]) -> list[TextMatch]:
+        wanted = set(cols)
+        picked = [j for j in order[row].tolist() if j in wanted][:top]
+        return [TextMatch(text=policy.texts[j], similarity=round(float(sims[row, j]), 6)) for j in picked]
 
-        cats.append(
-            {
-                "category": c.name,
-                "score": s,
-                "flag": c.flag,
-                "review": c.review,
-                "rule_fired": rule,
-                "closest_descriptions": closest(c.descriptions),
-                "closest_contrasts": closest(c.contrasts),
-                "closest_neutral": closest(list(policy.spec.neutral)),
-            }
-        )
+    out = []
+    for b in range(len(scores)):
+        cats = []
+        for j, c in enumerate(enabled):
+            s = float(scores[b, j])
+            cats.append(CategoryExplanation(
+                category=c.name, score=s, flag=c.flag, review=c.review,
+                rule_fired="flag" if s >= c.flag else "review" if s >= c.review else None,
+                closest_descriptions=closest(b, columns[j][0]), closest_contrasts=closest(b, columns[j][1]),
+                closest_neutral=closest(b, neutral),
+            ))  # fmt: skip
+        out.append(cats)
+    return out
+
+
+def explain(policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3) -> dict[str, Any]:
+    """``moderator policy explain`` for one image: its decision and :func:`explanations`."""
+    decision = policy.decisions(image_embed.reshape(1, -1))[0]
+    cats = explanations(policy, image_embed.reshape(1, -1), top)[0]
     return {
         "decision": decision.decision,
         "policy": decision.policy.model_dump(),
         "model": decision.model,
         "logit_scale": policy.logit_scale,
-        "categories": cats,
+        "categories": [c.model_dump() for c in cats],
     }

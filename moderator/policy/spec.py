@@ -50,12 +50,30 @@ class Category(_Strict):
         return self
 
 
+class Audit(_Strict):
+    """Audit sampling: this fraction of allow and of flag decisions also goes to review, marked sampled."""
+
+    allow: float = Field(0.0, ge=0.0, le=1.0)
+    flag: float = Field(0.0, ge=0.0, le=1.0)
+
+    def rate(self, outcome: str) -> float:
+        return self.allow if outcome == "allow" else self.flag if outcome == "flag" else 0.0
+
+
+def audit_draw(event_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the event id: an event is sampled when it is below the
+    rate, so the same event (a replay, a re-delivery) is sampled the same way every time."""
+    digest = hashlib.sha256(b"moderator-audit:" + event_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 class PolicySpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     description: str | None = None
     owner: str | None = None
     model: str | None = Field(None, description="pin: only a worker serving this checkpoint may load it")
     default: bool = Field(False, description="decides events that name no policy (MODERATOR_DEFAULT_POLICY wins)")
+    audit: Audit | None = Field(None, description="audit sampling rates of allow and flag decisions")
     shadow_of: str | None = Field(
         None,
         pattern=NAME_RE,
@@ -96,10 +114,10 @@ class PolicySpec(_Strict):
     def version(self) -> str:
         """Content hash of the normalized form: comments, key order and layout do not change it.
 
-        ``default`` and ``shadow_of`` are left out: they say which events the policy serves, not how
-        it decides them.
+        ``default``, ``shadow_of`` and ``audit`` are left out: they say which events the policy serves
+        and which of its decisions are also sampled for review, not how it decides them.
         """
-        normalized = self.model_dump(mode="json", exclude={"default", "shadow_of"})
+        normalized = self.model_dump(mode="json", exclude={"default", "shadow_of", "audit"})
         canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from kafka import TopicPartition
 
-from moderator.events import Decision, ParsedEvent, Source, Timings
+from moderator.events import CategoryExplanation, Decision, ParsedEvent, Source, Timings
 from moderator.images import PreprocessSpec
 from moderator.worker.checkpoint import Receipt
 
@@ -64,6 +64,8 @@ class Decided:
     decided_at: str
     embedding: np.ndarray | None  # its row of the batch's embeddings, as stored (None: the log is off)
     shadows: tuple[Decision, ...] = ()  # the live policy's shadow policies' decisions
+    sample_rate: float | None = None  # set: an audit sample of an allow or flag decision, at this rate
+    explanation: tuple[CategoryExplanation, ...] = ()  # for the review feed: the closest texts per category
 
 
 def ms(seconds: float) -> float:

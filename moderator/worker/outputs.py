@@ -25,6 +25,7 @@ from moderator import observability as obs
 from moderator.config import Settings
 from moderator.events import (
     DeadLetter,
+    Decision,
     DecisionRecord,
     EmbeddingRecord,
     ImageRef,
@@ -39,6 +40,14 @@ from moderator.worker.checkpoint import Checkpoint, Receipt
 from moderator.worker.event import Decided, Event
 
 log = obs.get_logger(__name__)
+
+
+def goes_to_review(decision: Decision | None, sample_rate: float | None, include_flagged: bool) -> bool:
+    """Whether a decision feeds the review topic: review decisions, audit samples, and flag decisions
+    with ``MODERATOR_REVIEW_INCLUDE_FLAGGED``."""
+    if decision is None:
+        return False
+    return decision.decision == "review" or sample_rate is not None or (decision.decision == "flag" and include_flagged)
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,15 @@ class Outputs:
         record = DecisionRecord(**d.model_dump(), event_id=e.parsed.id, metadata=e.parsed.metadata,
                                 source=e.source, timings=result.timings, decided_at=decided_at)  # fmt: skip
         out = [OutRecord(self.decisions, record.model_dump_json().encode())]
-        if d.decision == "review" or (d.decision == "flag" and self.review_include_flagged):
+        if goes_to_review(d, result.sample_rate, self.review_include_flagged):
             item = ReviewItem(
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
                 image=ImageRef(url=e.parsed.url, inline_source=None if e.parsed.url else e.source,
                                sha256=e.image_sha256, bytes=e.image_bytes),
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
                 metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
+                sampled=result.sample_rate is not None, sample_rate=result.sample_rate,
+                explanation=list(result.explanation),
             )  # fmt: skip
             out.append(OutRecord(self.review, item.model_dump_json().encode()))
         if result.embedding is not None:

@@ -25,11 +25,12 @@ import torch
 from moderator import observability as obs
 from moderator.batcher import MicroBatcher
 from moderator.errors import ReasonError
-from moderator.events import Decision, Timings, utc_now
+from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
 from moderator.images import ImageLimits, load_image
-from moderator.policy import PolicyRegistry
+from moderator.policy import PolicyRegistry, audit_draw, explanations
 from moderator.worker.event import Decided, Event, ImageEngine, ms
+from moderator.worker.outputs import goes_to_review
 
 log = obs.get_logger(__name__)
 
@@ -149,9 +150,11 @@ class BatchStage:
         max_delay_s: float,
         decode_threads: int,
         embeddings_dtype: str | None,
+        review_include_flagged: bool,
     ) -> None:
         self.sink = sink
         # The embeddings log: the batch's embeddings as stored (None: off).
+        self.review_include_flagged = review_include_flagged
         self.stored_dtype = {"float16": torch.float16, "float32": torch.float32, None: None}[embeddings_dtype]
         self.images = images
         self.engine = engine
@@ -226,6 +229,8 @@ class BatchStage:
             groups.setdefault(e.parsed.policy if e.parsed else None, []).append(i)
         decisions: list[Decision | None] = [None] * len(events)
         shadows: list[list[Decision]] = [[] for _ in events]
+        sample_rates: list[float | None] = [None] * len(events)
+        explained: list[tuple[CategoryExplanation, ...]] = [() for _ in events]
         for name, rows in groups.items():
             try:
                 policy = snapshot.get(name)
@@ -235,9 +240,19 @@ class BatchStage:
                 continue
             for i, d in zip(rows, policy.decisions(embeds[rows]), strict=True):
                 decisions[i] = d
+                parsed = events[i].parsed
+                if policy.spec.audit is not None and parsed is not None:
+                    rate = policy.spec.audit.rate(d.decision)
+                    if rate > 0 and audit_draw(parsed.id) < rate:
+                        sample_rates[i] = rate
             for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
                 for i, d in zip(rows, shadow.decisions(embeds[rows]), strict=True):
                     shadows[i].append(d)
+            # The review feed's items carry why they scored as they did (one product for all of them).
+            feed = [i for i in rows if goes_to_review(decisions[i], sample_rates[i], self.review_include_flagged)]
+            if feed:
+                for i, explanation in zip(feed, explanations(policy, embeds[feed]), strict=True):
+                    explained[i] = tuple(explanation)
         stored = None if self.stored_dtype is None else embeds.to(self.stored_dtype).cpu().numpy()
         score_s = time.perf_counter() - t1  # observed per policy group by CompiledPolicy.decisions
         t2 = time.perf_counter()
@@ -258,7 +273,9 @@ class BatchStage:
                 end_to_end_ms=round(e2e, 3) if e2e is not None else None,
             )  # fmt: skip
             embedding = None if stored is None else stored[i]
-            self.sink.decided(Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i])))
+            self.sink.decided(
+                Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), sample_rates[i], explained[i])
+            )
             obs.DECISIONS.labels(outcome=decision.decision).inc()
             obs.EVENT_LATENCY.observe(now - e.received)
             if e2e is not None:

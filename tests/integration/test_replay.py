@@ -219,3 +219,36 @@ def test_a_shadow_policy_never_changes_a_live_decision(settings_factory, tiny_cl
     [pair] = report["pairs"]
     assert pair["live"] == "community-standards" and pair["shadow"] == "community-standards-strict"
     assert pair["replayed"] == len(live_events) + len(later) and pair["agreement"] < 1.0
+
+
+def test_reviewer_verdicts_give_precision_and_recall_of_both_sides(logged, tmp_path, kafka_service):
+    from moderator.events import Decision, Verdict
+
+    settings, out = logged
+    topic = f"verdicts-{uuid.uuid4().hex[:8]}"
+    kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
+    settings = settings.model_copy(update={"topic_verdicts": topic})
+    decisions = [r for r in out.records["decisions"] if r["policy"]["name"] == "community-standards"][:40]
+    producer = make_producer(settings)
+    for i, d in enumerate(decisions):
+        judged = Decision(**{k: d[k] for k in ("decision", "scores", "triggered", "policy", "model")})
+        verdict = Verdict(event_id=d["event_id"], verdict="confirm" if i % 2 else "overturn",
+                          categories=["weapons"] if i % 2 else [], reviewer="alice", judged=judged,
+                          sampled=i % 4 == 0, sample_rate=0.1 if i % 4 == 0 else None,
+                          decided_at=d["decided_at"], reviewed_at=d["decided_at"])  # fmt: skip
+        producer.send(topic, key=verdict.event_id.encode(), value=verdict.model_dump_json().encode())
+    producer.flush()
+    producer.close()
+    raw = yaml.safe_load((ROOT / "policies" / "community-standards.yaml").read_text())
+    for c in raw["categories"]:
+        c["flag"] = c["review"] = 0.0  # the candidate flags everything
+    candidate = tmp_path / "flag-all"
+    candidate.mkdir()
+    (candidate / "community-standards.yaml").write_text(yaml.safe_dump(raw))
+    report = run_replay(App(settings), candidate)
+    v = report["verdicts"]
+    assert (v["labelled"], v["violations"], v["sampled"]) == (40, 20, 10)
+    assert v["candidate"]["flag_recall"] == 1.0 and v["candidate"]["caught_recall"] == 1.0
+    # Every sampled verdict (i % 4 == 0) is an overturn and weighs 10: 20 confirms over 20 + 10 + 10 x 10.
+    assert v["candidate"]["flag_precision"] == pytest.approx(20 / 130, abs=1e-4)
+    assert report["metrics"]["flag_recall_drop_verdicts"] <= 0  # flagging everything loses no recall

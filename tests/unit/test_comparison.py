@@ -74,3 +74,16 @@ def test_fail_if_expressions():
     for bad in ("flag_recall_drop", "nope>1", "flag_recall_drop>>1", "flag_recall_drop>x"):
         with pytest.raises(ValueError, match="--fail-if"):
             parse_fail_if(bad, known)
+
+
+def test_verdict_metrics_weight_audit_samples_by_their_inverse_rate():
+    from moderator.comparison import verdict_metrics
+
+    codes = np.array([2, 2, 1, 0, 0])  # flag, flag, review, allow, allow
+    violation = np.array([True, False, True, True, False])
+    weight = np.array([1.0, 1.0, 1.0, 100.0, 100.0])  # the two allows are audit samples at 1%
+    m = verdict_metrics(codes, violation, weight)
+    assert m["flag_precision"] == 0.5  # 1 of the 2 flags
+    assert m["flag_recall"] == round(1 / 102, 4)  # the sampled allow that was a violation stands for 100
+    assert m["caught_recall"] == round(2 / 102, 4)
+    assert verdict_metrics(np.array([0]), np.array([False]), np.array([1.0]))["flag_precision"] is None

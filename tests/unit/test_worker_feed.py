@@ -17,7 +17,7 @@ from moderator.app import App
 from moderator.config import Settings
 from moderator.events import decode_vectors
 from moderator.images import ImageLimits, load_image
-from moderator.policy import PolicyError
+from moderator.policy import PolicyError, audit_draw
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.worker import EXIT_OK, EXIT_PUBLISH_FAILED
 from moderator.worker.feed import QueueFeed
@@ -155,3 +155,35 @@ def test_a_shadow_policy_decides_beside_the_live_one_and_cannot_be_named(tmp_pat
     assert pair["live"]["decision"] == out["decisions"]["k"]["decision"]
     assert pair["agree"] == (pair["live"]["decision"] == pair["shadow"]["decision"])
     assert "k" not in out.get("review", {}) or out["decisions"]["k"]["decision"] == "review"  # the shadow feeds none
+
+
+def test_audit_draws_are_uniform_and_fixed_by_the_event_id():
+    from scipy.stats import binom
+
+    draws = [audit_draw(f"event-{i}") for i in range(10_000)]
+    sampled = sum(d < 0.05 for d in draws)
+    low, high = binom.ppf(0.0005, 10_000, 0.05), binom.ppf(0.9995, 10_000, 0.05)
+    assert low <= sampled <= high, (sampled, low, high)  # 99.9% binomial bounds: 450..552
+    assert draws == [audit_draw(f"event-{i}") for i in range(10_000)]  # the same id, the same choice
+
+
+def test_the_worker_samples_allow_decisions_at_the_policy_rate(tmp_path, tiny_engine):
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    raw = yaml.safe_load((policies / "community-standards.yaml").read_text())
+    raw["audit"] = {"allow": 0.25, "flag": 0.0}
+    (policies / "community-standards.yaml").write_text(yaml.safe_dump(raw))
+    app = App(_settings(policy_dir=policies), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    ids = [f"s-{i}" for i in range(200)]
+    for i, eid in enumerate(ids):
+        feed.put(eid.encode(), _event(eid, i))
+    assert _run(app, feed, 200) == EXIT_OK
+    out = _outputs(feed)
+    allowed = {e for e, d in out["decisions"].items() if d["decision"] == "allow"}
+    assert len(allowed) > 150  # random weights: most are allowed
+    review = out.get("review", {})
+    sampled = {e for e, r in review.items() if r["sampled"]}
+    assert sampled == {e for e in allowed if audit_draw(e) < 0.25}  # exactly the rule, per event id
+    assert all(review[e]["sample_rate"] == 0.25 and review[e]["decision"] == "allow" for e in sampled)
+    assert all(len(review[e]["explanation"]) == 6 for e in sampled)  # they carry why they scored so

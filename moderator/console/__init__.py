@@ -1,0 +1,146 @@
+"""``moderator console``: reviewers decide in a browser; their verdicts flow back on Kafka.
+
+The console consumes the review topic with its own consumer group, keeps the queue in memory
+(``queue.py``), hands items out under expiring Redis leases (``leases.py``), serves the pages
+(``app.py``, ``templates/``, ``static/``) and the images itself (``images.py``), and publishes each
+verdict to the verdicts topic (``feeds.py``). What a reviewer can do is in ``service.py``; accounts and
+request security in ``auth.py`` and ``security.py``.
+
+Authentication is required: reviewer accounts in a file (``MODERATOR_CONSOLE_ACCOUNTS_FILE``), and/or a
+header set by an authenticating proxy (``MODERATOR_CONSOLE_TRUSTED_USER_HEADER``, trusted only from
+``MODERATOR_CONSOLE_TRUSTED_PROXIES``). Without either it refuses to start, unless started with
+``--dev``, which makes a throwaway account and says so on every page.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from moderator import clients
+from moderator.app import App
+from moderator.console.app import WebConfig, create_app
+from moderator.console.auth import Accounts, hash_password
+from moderator.console.feeds import ConsoleFeeds
+from moderator.console.images import ReviewImages
+from moderator.console.leases import Leases
+from moderator.console.queue import ReviewQueue
+from moderator.console.service import ReviewService
+from moderator.observability import HealthServer, get_logger
+
+log = get_logger(__name__)
+
+
+class ConsoleConfigError(Exception):
+    """The console cannot start as configured; the message says what to set."""
+
+
+def dev_account(directory: Path) -> tuple[Path, str, str]:
+    """A throwaway reviewer account for development: (accounts file, name, password)."""
+    password = secrets.token_urlsafe(12)
+    path = directory / "dev-reviewers.txt"
+    path.write_text(f"dev:{hash_password(password)}\n")
+    return path, "dev", password
+
+
+class Console:
+    """The whole console, started and stopped as one (``moderator console``, the demo, the tests)."""
+
+    def __init__(self, app: App, *, dev: bool = False, health: bool = True) -> None:
+        s = app.settings
+        self.app = app
+        self.dev = dev
+        self.dev_login: tuple[str, str] | None = None
+        accounts_file = s.console_accounts_file
+        if accounts_file is None and dev:
+            self._tmp = tempfile.TemporaryDirectory(prefix="moderator-console-")
+            accounts_file, name, password = dev_account(Path(self._tmp.name))
+            self.dev_login = (name, password)
+        if accounts_file is None and s.console_trusted_user_header is None:
+            raise ConsoleConfigError(
+                "the console needs to know who its reviewers are: set MODERATOR_CONSOLE_ACCOUNTS_FILE (lines made"
+                " by `moderator console add-user NAME`) and/or MODERATOR_CONSOLE_TRUSTED_USER_HEADER (a header"
+                " your authenticating proxy sets); or start it with --dev to try it with a throwaway account"
+            )
+        accounts = Accounts.load(accounts_file) if accounts_file is not None else None
+        secret = s.console_secret_key.get_secret_value() if s.console_secret_key else None
+        if secret is None:
+            secret = secrets.token_hex(32)
+            if not dev:
+                log.warning("console_secret_key_generated", consequence="sessions end when the console restarts",
+                            fix="set MODERATOR_CONSOLE_SECRET_KEY (the same on every replica)")  # fmt: skip
+        redis = clients.make_redis(s.redis_url.get_secret_value(), 2000, 2000)
+        self.queue = ReviewQueue()
+        self.leases = Leases(redis, s.console_redis_prefix, s.console_lease_s)
+        self.feeds = ConsoleFeeds(app, self.queue)
+        self.images = ReviewImages(app)
+        self.service = ReviewService(self.queue, self.leases, self.feeds)
+        self.feeds.on_tick = self.service.expire_claims
+        self.web = create_app(
+            WebConfig(
+                secret_key=secret, accounts=accounts, trusted_user_header=s.console_trusted_user_header,
+                trusted_proxies=frozenset(s.console_trusted_proxies), https=s.console_https,
+                allowed_origins=frozenset(s.console_allowed_origins), session_s=int(s.console_session_hours * 3600),
+                grid_size=s.console_grid_size, lease_s=s.console_lease_s, dev=dev,
+            ),
+            self.queue, self.service, self.images,
+        )  # fmt: skip
+        self.health = HealthServer(s.http_host, s.http_port) if health else None
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((s.console_host, s.console_port))
+        self._sock.listen(128)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.web,
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                lifespan="off",
+                timeout_graceful_shutdown=3,
+            )
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Console:
+        """Load every verdict, start following the topics, and serve (on a thread)."""
+        self.feeds.start()
+        if self.health is not None:
+            self.health.add_check("verdicts_loaded", self.feeds.loaded.is_set)
+            self.health.start()
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the console's web server did not start")
+            time.sleep(0.02)
+        log.info("console_started", url=self.url, dev=self.dev, group=self.app.settings.console_group_id)
+        return self
+
+    def wait(self) -> None:
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def stop(self) -> None:
+        """Stop serving and close every client (also for a console that was never started)."""
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)  # uvicorn closes its socket as it stops
+        else:
+            self._sock.close()
+        self.feeds.stop()
+        self.images.close()
+        if self.health is not None and self._thread is not None:
+            self.health.stop()

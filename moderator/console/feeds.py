@@ -1,0 +1,147 @@
+"""The console's Kafka side: the review topic in (its own consumer group), verdicts in and out.
+
+- Start-up reads the whole verdicts topic (compacted: the current verdict of every judged event)
+  before any item is served, so a restarted console never shows an item that already has a verdict.
+- One thread then follows both: review items into the queue, verdicts (this console's and other
+  replicas') into the queue; it commits each review partition's done-watermark (the lowest offset
+  whose event has no final verdict) so a restart reads again only from there.
+- :meth:`ConsoleFeeds.publish` sends a verdict and waits for the broker's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import AsyncConsumerRebalanceListener, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
+
+from moderator import observability as obs
+from moderator.app import App
+from moderator.clients import read_to_end
+from moderator.console.queue import ReviewQueue
+from moderator.events import ReviewItem, Verdict
+
+log = obs.get_logger(__name__)
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Items of partitions another console replica now reads leave this one's queue. Partitions kept
+    across a rebalance keep their items: their fetch position stays past them."""
+
+    def __init__(self, queue: ReviewQueue) -> None:
+        self.queue = queue
+        self._revoked: set[TopicPartition] = set()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._revoked = set(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.queue.drop(self._revoked - set(assigned))
+        self._revoked = set()
+        log.info("console_partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self.queue.drop(lost)
+
+
+class ConsoleFeeds:
+    def __init__(self, app: App, queue: ReviewQueue, on_tick: Callable[[], None] = lambda: None) -> None:
+        self.app = app
+        self.queue = queue
+        self.on_tick = on_tick  # called from the feed thread about once a second (lease bookkeeping)
+        self.producer = app.producer()
+        self.verdicts = app.reader(["verdicts"])
+        self.review = app.consumer(app.settings.console_group_id, max_poll_records=500)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="console-feeds", daemon=True)
+        self.loaded = threading.Event()  # set once every existing verdict is known
+
+    # --- start-up -----------------------------------------------------------------------------------
+    def start(self) -> ConsoleFeeds:
+        t0 = time.monotonic()
+        n = read_to_end(self.verdicts, self._verdict)
+        log.info("console_verdicts_loaded", records=n, seconds=round(time.monotonic() - t0, 2))
+        self.loaded.set()
+        self.review.subscribe([self.app.settings.topic("review")], listener=_Rebalance(self.queue))
+        self.review.topics()  # metadata before the first join (else kafka-python rebalances once for nothing)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.review.close(autocommit=False)
+        self.verdicts.close(autocommit=False)
+        self.producer.close(timeout=5)
+
+    # --- the feed thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        next_commit = next_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                for tp, records in self.review.poll(timeout_ms=100).items():
+                    for record in records:
+                        self._item(tp, record)
+                for records in self.verdicts.poll(timeout_ms=50).values():
+                    for record in records:
+                        self._verdict(record)
+                now = time.monotonic()
+                if now >= next_commit:
+                    self._commit()
+                    next_commit = now + 2.0
+                if now >= next_tick:
+                    pending, escalated = self.queue.depth()
+                    obs.CONSOLE_QUEUE.labels(state="pending").set(pending)
+                    obs.CONSOLE_QUEUE.labels(state="escalated").set(escalated)
+                    self.on_tick()
+                    next_tick = now + 1.0
+            except Exception:  # the console keeps serving; the next poll tries again
+                log.exception("console_feed_error")
+                time.sleep(1.0)
+
+    def _item(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            item = ReviewItem.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            log.warning("console_bad_review_record", partition=tp.partition, offset=record.offset, error=str(exc)[:200])
+            return
+        self.queue.add_item(tp, record.offset, item)
+
+    def _verdict(self, record: Any) -> None:
+        if record.value is None:
+            return
+        try:
+            self.queue.add_verdict(Verdict.model_validate_json(record.value))
+        except ValidationError as exc:
+            log.warning("console_bad_verdict_record", offset=record.offset, error=str(exc)[:200])
+
+    def _commit(self) -> None:
+        offsets = self.queue.committable()
+        if not offsets:
+            return
+
+        def done(_offsets: Any, response: Any) -> None:
+            if isinstance(response, BaseException):
+                log.warning("console_commit_failed", error=f"{type(response).__name__}: {response}")
+            else:
+                self.queue.mark_committed(offsets)
+
+        try:
+            self.review.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, callback=done)
+        except Exception as exc:  # e.g. a rebalance in progress: the next commit carries it
+            log.warning("console_commit_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # --- out ------------------------------------------------------------------------------------------
+    def publish(self, verdict: Verdict) -> None:
+        """Publish a verdict and wait until the broker has it; then it is the queue's too."""
+        value = json.dumps(verdict.model_dump(mode="json")).encode()
+        self.producer.send(self.app.settings.topic("verdicts"), key=verdict.event_id.encode(), value=value).get(
+            timeout=30
+        )
+        self.queue.add_verdict(verdict)

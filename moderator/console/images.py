@@ -1,0 +1,93 @@
+"""The images reviewers look at, served by the console itself: a reviewer's browser never fetches an
+event's URL (the page's Content-Security-Policy allows images from the console only).
+
+- An inline image is read back from Kafka at its event's coordinates (topic, partition, offset).
+- A URL image is fetched by the console through the SSRF-safe fetcher, with the worker's limits.
+
+Either way the bytes are decoded with the worker's limits and re-encoded as a JPEG (EXIF orientation
+applied, metadata dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never
+the uploaded bytes. Results are kept in a small in-memory cache (by event id).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+
+from kafka import TopicPartition
+from PIL import Image
+
+from moderator.app import App
+from moderator.errors import ReasonError
+from moderator.events import ReviewItem, parse_event
+from moderator.images import ImageLimits, decode
+
+MAX_SIDE = 1600
+CACHE_BYTES = 128 * 1024 * 1024
+
+
+class ImageUnavailable(Exception):
+    """The image cannot be shown; the message says why (for the page, never a stack trace)."""
+
+
+class ReviewImages:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.limits = ImageLimits.from_settings(app.settings)
+        self._reader = app.reader([], max_poll_records=1)
+        self._reader_lock = threading.Lock()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+
+    def jpeg(self, item: ReviewItem) -> bytes:
+        with self._cache_lock:
+            cached = self._cache.get(item.event_id)
+            if cached is not None:
+                self._cache.move_to_end(item.event_id)
+                return cached
+        data = self._original(item)
+        try:
+            image = decode(data, self.limits)
+        except ReasonError as exc:
+            raise ImageUnavailable(f"the image cannot be decoded ({exc.reason})") from None
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=90)
+        jpeg = out.getvalue()
+        with self._cache_lock:
+            self._cache[item.event_id] = jpeg
+            self._cache_bytes += len(jpeg)
+            while self._cache_bytes > CACHE_BYTES and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+        return jpeg
+
+    def _original(self, item: ReviewItem) -> bytes:
+        if item.image.url is not None:
+            try:
+                return self.app.fetcher.fetch(item.image.url)
+            except ReasonError as exc:
+                raise ImageUnavailable(f"the image URL cannot be fetched ({exc.reason})") from None
+        source = item.image.inline_source
+        if source is None:
+            raise ImageUnavailable("the review item names no image")
+        tp = TopicPartition(source.topic, source.partition)
+        with self._reader_lock:  # one reader, positioned for each read
+            self._reader.assign([tp])
+            self._reader.seek(tp, source.offset)
+            records = self._reader.poll(timeout_ms=5000, max_records=1).get(tp, [])
+        if not records or records[0].offset != source.offset:
+            raise ImageUnavailable(f"the event is no longer in {source.topic} (retention): offset {source.offset}")
+        raw = self.app.settings.input_format == "raw"
+        try:
+            parsed = parse_event(records[0].key, records[0].value, raw, self.app.settings.image_max_bytes)
+        except ReasonError as exc:
+            raise ImageUnavailable(f"the event cannot be read back ({exc.reason})") from None
+        if parsed.data is None:
+            raise ImageUnavailable("the event at those coordinates carries no inline image")
+        return parsed.data
+
+    def close(self) -> None:
+        self._reader.close(autocommit=False)
