@@ -24,6 +24,9 @@ from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
 from moderator.fetch import Fetcher, FetchPolicy, parse_networks
 from moderator.observability import HealthServer, get_logger
 from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySpec, compile_policy, load_spec
+from moderator.policy.directory import DirectorySource
+from moderator.policy.registry import PolicySource
+from moderator.policy.topic import KafkaSource
 from moderator.worker import Worker
 
 log = get_logger(__name__)
@@ -64,8 +67,13 @@ class App:
 
     @cached_property
     def policies(self) -> PolicyRegistry:
-        """The policy directory, loaded and compiled (not yet watching: :meth:`PolicyRegistry.start`)."""
-        registry = PolicyRegistry(self.settings.policy_dir, self.compile, self.settings.default_policy)
+        """The policies of the configured source, loaded and compiled (not yet following: ``start()``)."""
+        s = self.settings
+        source: PolicySource = (
+            KafkaSource(s, s.policy_allow_empty) if s.policy_source == "kafka"
+            else DirectorySource(s.policy_dir, s.policy_strict)
+        )  # fmt: skip
+        registry = PolicyRegistry(source, self.compile, s.default_policy, interval_s=0.25)
         registry.load_initial()
         return registry
 

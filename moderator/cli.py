@@ -102,72 +102,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_policy_check(args: argparse.Namespace) -> int:
-    from moderator.policy import PolicyError, load_spec, policy_files
-
-    paths = [Path(p) for p in (args.paths or [str(load_settings().policy_dir)])]
-    missing = [p for p in paths if not p.exists()]
-    files = policy_files([p for p in paths if p.exists()])
-    failed = bool(missing) or not files
-    for p in missing:
-        print(f"{p}: no such file or directory", file=sys.stderr)
-    if not files and not missing:
-        print("no policy files (*.yaml, *.yml) found", file=sys.stderr)
-    names: dict[str, Path] = {}
-    rows: list[dict[str, Any]] = []
-    for path in files:
-        try:
-            spec = load_spec(path)
-        except PolicyError as exc:
-            failed = True
-            for problem in exc.errors:
-                print(problem, file=sys.stderr)
-            continue
-        if spec.name in names:
-            failed = True
-            print(f"{path}: name: policy {spec.name!r} is already defined in {names[spec.name]}", file=sys.stderr)
-            continue
-        names[spec.name] = path
-        cats = [
-            {"name": c.name, "flag": c.flag, "review": c.review, "enabled": c.enabled,
-             "descriptions": len(c.descriptions), "contrasts": len(c.contrasts)}
-            for c in spec.categories
-        ]  # fmt: skip
-        rows.append({"file": str(path), "policy": spec.name, "version": spec.version(), "default": spec.default,
-                     "categories": cats})  # fmt: skip
-    if terminal.wants_json(args.json):
-        terminal.emit(rows, [], as_json=True)
-    else:
-        for r in rows:
-            default = " (default)" if r["default"] else ""
-            print(f"{r['policy']}{default}  {r['version']}  {r['file']}")
-            print(terminal.table(r["categories"], ["name", "flag", "review", "enabled", "descriptions", "contrasts"]))
-            print()
-        print(f"{len(rows)} valid, {'some' if failed else 'none'} invalid", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_policy_explain(args: argparse.Namespace) -> int:
-    from moderator.images import ImageError, ImageLimits, load_image
-    from moderator.policy import explain
-
-    app = _app(args)
-    policy = app.load_policy(args.policy)
-    limits = ImageLimits.from_settings(app.settings)
-    failed = 0
-    for path in args.images:
-        try:
-            arr = load_image(Path(path).read_bytes(), limits, app.engine.spec)
-        except (OSError, ImageError) as exc:
-            failed += 1
-            reason = exc.reason if isinstance(exc, ImageError) else "unreadable_file"
-            print(json.dumps({"image": path, "error": reason, "message": str(exc)}))
-            continue
-        report = explain(policy, app.engine.encode_images(arr[None])[0], top=args.top)
-        print(json.dumps({"image": path, **report}, indent=2 if args.pretty else None))
-    return 1 if failed else 0
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     from moderator.comparison import METRICS, check, parse_fail_if
     from moderator.replay import render, run_replay
@@ -402,6 +336,7 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from moderator.bench.cli import register_cli as register_bench
+    from moderator.policy.cli import register_cli as register_policy
     from moderator.stack.cli import register_cli as register_stack
 
     parser = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
@@ -418,19 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="a policy file: print one decision per image instead of label scores")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("policy", help="policy files: check, explain")
-    psub = p.add_subparsers(dest="policy_command", required=True)
-    pc = psub.add_parser("check", help="validate policy files or directories; show name, version, categories")
-    pc.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default: MODERATOR_POLICY_DIR)")
-    pc.add_argument("--json", action="store_true", help="JSON lines (the default when not on a terminal)")
-    pc.set_defaults(func=cmd_policy_check)
-    pe = psub.add_parser("explain", help="per category: score, thresholds, closest texts, the rule that fired")
-    pe.add_argument("images", nargs="+", metavar="IMAGE")
-    pe.add_argument("--policy", required=True, help="the policy file")
-    pe.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
-    pe.add_argument("--top", type=int, default=3, help="closest texts to show per list")
-    pe.add_argument("--pretty", action="store_true", help="indented JSON")
-    pe.set_defaults(func=cmd_policy_explain)
+    register_policy(sub)
 
     p = sub.add_parser("replay", help="re-decide logged embeddings under a candidate policy; compare with the live one")
     p.add_argument("--policy", required=True, help="the candidate: a policy file or directory")

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     # --- Policies -------------------------------------------------------------------------------
     policy_dir: Path = Path("policies")
     default_policy: str | None = None
+    # directory: the files of policy_dir, watched (one worker, or a GitOps-managed directory);
+    # kafka: the versions published to the policies topic (`moderator policy publish`): a fleet.
+    policy_source: Literal["directory", "kafka"] = "directory"
+    policy_strict: bool = False  # directory: refuse to start when a policy file is invalid
+    policy_allow_empty: bool = False  # kafka: start even when no policy has been published yet
 
     # --- The review console (moderator console) ------------------------------------------------
     console_host: str = "127.0.0.1"  # where the console listens (behind a TLS proxy in production)
@@ -216,7 +221,7 @@ class Settings(BaseSettings):
     def new_topics(self, partitions: int | None = None, keys: Iterable[str] | None = None) -> list[NewTopic]:
         """The registry's topics (or those of ``keys``) as configured here, to create them."""
         specs = TOPICS if keys is None else [topic_spec(k) for k in keys]
-        return [NewTopic(self.topic(t.key), partitions or t.partitions, t.compacted) for t in specs]
+        return [NewTopic(self.topic(t.key), t.partitions_for(partitions), t.compacted) for t in specs]
 
 
 def parse_api_version(text: str | None) -> tuple[int, ...] | None:

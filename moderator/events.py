@@ -347,6 +347,26 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class PublishedPolicy(_Record):
+    """What the policies topic carries: one validated policy version, as published.
+
+    Key ``<name>@<version>``; the topic is compacted and has one partition. Compaction keeps the
+    latest record of each key: every version ever published stays readable (``policy history``,
+    ``policy rollback``), with its latest publication. The live version of a policy is its last record
+    in the topic (one partition: one order); a rollback publishes an earlier version's record again.
+    """
+
+    name: str
+    version: str = Field(description="the content hash of the normalized policy")
+    yaml: str = Field(description="the file as written: comments and layout kept")
+    spec: dict[str, Any] = Field(description="the normalized policy, as validated")
+    author: str
+    published_at: str
+    message: str = ""
+    action: Literal["publish", "rollback"] = "publish"
+    replaces: str | None = Field(None, description="the version that was live before")
+
+
 # The record of each topic of the registry (``moderator/topics.py`` names them).
 RECORDS: dict[str, type[BaseModel]] = {
     "ImageEvent": ImageEvent,
@@ -356,6 +376,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "EmbeddingRecord": EmbeddingRecord,
     "ShadowDecisionRecord": ShadowDecisionRecord,
     "Verdict": Verdict,
+    "PublishedPolicy": PublishedPolicy,
 }
 
 

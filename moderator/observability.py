@@ -140,8 +140,14 @@ STAGE_SECONDS = Histogram(
 # Policies (policy.py)
 POLICY_RELOADS = Counter(
     "moderator_policy_reloads_total",
-    "Policy file loads after start-up, by result",
+    "Policy versions loaded (ok) or refused as invalid (error), from files or the policies topic",
     ["result"],
+    registry=REGISTRY,
+)
+POLICY_INFO = Gauge(
+    "moderator_policy_info",
+    "1 for every policy version this process serves: watch a fleet converge on a published version",
+    ["policy", "version", "role", "source"],
     registry=REGISTRY,
 )
 

@@ -28,7 +28,11 @@ class TopicSpec:
     role: Role  # input: the worker consumes it; output: the worker produces it; state: shared state
     doc: str
     compacted: bool = False  # cleanup.policy=compact: the latest record per key is kept for ever
-    partitions: int = 4  # for the local stack and compose's topic-init (consumers scale up to this)
+    partitions: int = 4  # for the local stack and compose's topic-init (consumers scale up to this); 1: one order
+
+    def partitions_for(self, wanted: int | None) -> int:
+        """``wanted`` partitions (default: the registry's), but one for a topic that needs one order."""
+        return 1 if self.partitions == 1 else (wanted or self.partitions)
 
     @property
     def setting(self) -> str:
@@ -61,6 +65,15 @@ TOPICS: tuple[TopicSpec, ...] = (
         "shadow policies' decisions beside the live ones",
     ),
     TopicSpec("verdicts", "verdicts", "Verdict", "state", "reviewers' verdicts (moderator console)", compacted=True),
+    TopicSpec(
+        "policies",
+        "policies",
+        "PublishedPolicy",
+        "state",
+        "published policy versions (moderator policy publish)",
+        compacted=True,
+        partitions=1,
+    ),
 )
 
 BY_KEY: dict[str, TopicSpec] = {t.key: t for t in TOPICS}

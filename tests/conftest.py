@@ -321,7 +321,9 @@ def settings_factory(
             values["kafka_api_version"] = ks.api_version
             if topics:
                 names = {t.setting: unique_name(t.default) for t in TOPICS}
-                ks.create_topics([NewTopic(names[t.setting], partitions, t.compacted) for t in TOPICS])
+                ks.create_topics(
+                    [NewTopic(names[t.setting], t.partitions_for(partitions), t.compacted) for t in TOPICS]
+                )
                 values.update(names)
         if redis:
             rs: RedisService = request.getfixturevalue("redis_service")

@@ -232,7 +232,7 @@ def _kafka_and_redis(
         overrides["redis_url"] = opts.redis_url
     run = uuid.uuid4().hex[:8]
     names = {t.setting: f"bench-{run}-{t.default}" for t in TOPICS}  # fresh topics, every one of the registry
-    topics = [NewTopic(names[t.setting], opts.partitions, t.compacted) for t in TOPICS]
+    topics = [NewTopic(names[t.setting], t.partitions_for(opts.partitions), t.compacted) for t in TOPICS]
     if stack is not None and stack.kafka_running:
         create_topics = stack.create_topics
     elif create_topics is None:

@@ -20,7 +20,7 @@ Modules: ``spec.py`` (the file format), ``scoring.py`` (compile, score, decide, 
 ``registry.py`` (the served set, the default policy, hot reload).
 """
 
-from moderator.policy.registry import PolicyRegistry, PolicySet, default_policy, default_problem
+from moderator.policy.registry import InvalidPolicy, PolicyRegistry, PolicySet, default_policy, default_problem
 from moderator.policy.scoring import (
     OUTCOMES,
     CompiledPolicy,
@@ -45,6 +45,7 @@ from moderator.policy.spec import (
     UnknownPolicy,
     audit_draw,
     load_spec,
+    parse_spec,
     policy_files,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "Audit",
     "Category",
     "CompiledPolicy",
+    "InvalidPolicy",
     "PolicyError",
     "PolicyRegistry",
     "PolicySet",
@@ -73,6 +75,7 @@ __all__ = [
     "explain",
     "explanations",
     "load_spec",
+    "parse_spec",
     "policy_files",
     "score_logits",
 ]

@@ -161,18 +161,24 @@ class UnknownPolicy(ReasonError):
 
 def load_spec(path: Path) -> PolicySpec:
     """Read and validate one policy file; :class:`PolicyError` names file, field path and reason."""
-    where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyError([(where, "", f"cannot read: {exc.strerror or exc}")]) from None
+        raise PolicyError([(str(path), "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([(str(path), "", "not UTF-8 text")]) from None
+    return parse_spec(text, str(path))
+
+
+def parse_spec(text: str, where: str) -> PolicySpec:
+    """Validate a policy's YAML text (a file's, or one published to the policies topic)."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError([(where, "", f"invalid YAML: {at}{problem}")]) from None
-    except UnicodeDecodeError:
-        raise PolicyError([(where, "", "not UTF-8 text")]) from None
     if not isinstance(raw, dict):
         raise PolicyError([(where, "", f"expected a mapping at the top level, got {type(raw).__name__}")])
     try:

@@ -81,7 +81,7 @@ def reviewed(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory, imag
     tmp = tmp_path_factory.mktemp("console")
     run = uuid.uuid4().hex[:8]
     names = {t.setting: f"console-{run}-{t.default}" for t in TOPICS}
-    kafka_service.create_topics([NewTopic(names[t.setting], 2, t.compacted) for t in TOPICS])
+    kafka_service.create_topics([NewTopic(names[t.setting], t.partitions_for(2), t.compacted) for t in TOPICS])
     policies = tmp / "policies"
     shutil.copytree(ROOT / "policies", policies)
     raw = yaml.safe_load((policies / "community-standards.yaml").read_text())

@@ -17,7 +17,8 @@ from transformers import pipeline
 from moderator.clients import make_redis
 from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
 from moderator.observability import POLICY_RELOADS
-from moderator.policy import PolicyError, PolicyRegistry, PolicySpec, compile_policy, load_spec
+from moderator.policy import InvalidPolicy, PolicyError, PolicyRegistry, PolicySpec, compile_policy, load_spec
+from moderator.policy.directory import DirectorySource
 from moderator.samples import photo_like
 
 POLICY = {
@@ -109,7 +110,7 @@ def test_hot_reload_under_load(tiny_engine, tmp_path):
     d.mkdir()
     a = d / "alpha.yaml"
     a.write_text(yaml.safe_dump(variant(0.5)))
-    registry = PolicyRegistry(d, lambda spec, src: compile_policy(spec, encoder, src), interval_s=0.1)
+    registry = PolicyRegistry(DirectorySource(d), lambda spec, src: compile_policy(spec, encoder, src), interval_s=0.1)
     registry.load_initial()
     versions = [PolicySpec.model_validate(variant(t)).version() for t in (0.5, 0.4, 0.3, 0.2)]
     assert registry.current.get(None).version == versions[0]
@@ -175,18 +176,26 @@ def test_hot_reload_under_load(tiny_engine, tmp_path):
     assert set(order) == {0, 1, 2, 3}
 
 
-def test_start_with_invalid_directory_is_refused(tiny_engine, tmp_path):
+def test_start_with_an_invalid_file_serves_the_others_unless_strict(tiny_engine, tmp_path):
     encoder = TextEncoder(tiny_engine, TextEmbeddingCache(tiny_engine.fingerprint, 16))
     d = tmp_path / "p"
     d.mkdir()
-    (d / "good.yaml").write_text(yaml.safe_dump(POLICY))
+    (d / "good.yaml").write_text(yaml.safe_dump({**POLICY, "default": True}))
     (d / "bad.yaml").write_text(yaml.safe_dump({**POLICY, "name": "bad", "colour": "red"}))
-    registry = PolicyRegistry(d, lambda spec, src: compile_policy(spec, encoder, src))
-    with pytest.raises(PolicyError) as info:
-        registry.load_initial()
-    assert "bad.yaml" in str(info.value) and "colour" in str(info.value)
+    errors_before = POLICY_RELOADS.labels(result="error")._value.get()
+    registry = PolicyRegistry(DirectorySource(d), lambda spec, src: compile_policy(spec, encoder, src))
+    current = registry.load_initial()
+    assert set(current.policies) == {"alpha"} and current.get(None).spec.name == "alpha"
+    assert POLICY_RELOADS.labels(result="error")._value.get() == errors_before + 1
+    with pytest.raises(InvalidPolicy, match="colour") as info:
+        current.get("bad")  # its own reason, not "unknown"
+    assert info.value.reason == "invalid_policy"
+    strict = PolicyRegistry(DirectorySource(d, strict=True), lambda spec, src: compile_policy(spec, encoder, src))
+    with pytest.raises(PolicyError) as refused:
+        strict.load_initial()
+    assert "bad.yaml" in str(refused.value) and "colour" in str(refused.value)
     with pytest.raises(PolicyError, match="does not exist"):
-        PolicyRegistry(tmp_path / "missing", lambda s, src: None).load_initial()  # type: ignore[arg-type]
+        PolicyRegistry(DirectorySource(tmp_path / "missing"), lambda s, src: None).load_initial()  # type: ignore[arg-type]
 
 
 def test_policy_check_cli(tmp_path, capsys):

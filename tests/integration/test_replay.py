@@ -52,7 +52,7 @@ def logged(kafka_service, tiny_clip_dir, tmp_path_factory):
     """500 events through the worker with the shipped policies; the settings and what it published."""
     run = uuid.uuid4().hex[:8]
     names = {t.setting: f"replay-{run}-{t.default}" for t in TOPICS}
-    kafka_service.create_topics([NewTopic(names[t.setting], 2, t.compacted) for t in TOPICS])
+    kafka_service.create_topics([NewTopic(names[t.setting], t.partitions_for(2), t.compacted) for t in TOPICS])
     settings = Settings(
         kafka_bootstrap_servers=kafka_service.bootstrap_servers, kafka_api_version=kafka_service.api_version,
         kafka_group_id=f"replay-{run}", redis_enabled=False, model_id=str(tiny_clip_dir), device="cpu",

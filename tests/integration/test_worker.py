@@ -273,8 +273,11 @@ def test_policy_edit_and_redis_outage_mid_run(worker_settings, tmp_path, policy_
         out.wait_for({e for e, _ in second})
         raw["categories"][0]["descriptions"].append("an explicit photo never seen before")
         path.write_text(yaml.safe_dump(raw))
-        worker.wait_for("policy_loaded")
         new_version = load_spec(path).version()
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "policy_loaded" and e.get("version") == new_version for e in worker.events()):
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.1)
         third = images(50, seed=4)
         produce(settings, [(e, inline_event(e, d)) for e, d in third])
         out.wait_for({e for e, _ in third})
