@@ -14,13 +14,15 @@ help:
 	@echo "make demo    run the main job on a local Kafka + Redis stack"
 	@echo "make unit    unit tests only (no servers);  make lint    ruff and mypy"
 
-# System packages: redis-server and a Java runtime for the local stack's Kafka; chromium for the console's UI tests.
+# System packages: redis-server and a Java runtime for the local stack's Kafka; chromium for the console's UI tests;
+# g++ to build pdqhash (PyPI has no Linux wheel).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -18,6 +18,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 
 from moderator import clients
+from moderator.banks.store import Banks, BankStore, FixedBanks
 from moderator.clip import ClipEngine
 from moderator.config import Settings
 from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
@@ -77,6 +78,16 @@ class App:
         registry.load_initial()
         return registry
 
+    @cached_property
+    def bank_store(self) -> BankStore:
+        """The banks topic, read (not yet following: ``start()``). A missing topic fails start-up."""
+        store = BankStore(self.settings, self.engine.fingerprint)
+        try:
+            store.load()
+        except clients.TopicError as exc:
+            raise clients.TopicError(f"{exc} (or set MODERATOR_BANKS_ENABLED=false to run without banks)") from None
+        return store
+
     # --- I/O ----------------------------------------------------------------------------------------
     @cached_property
     def fetcher(self) -> Fetcher:
@@ -104,13 +115,16 @@ class App:
         return clients.make_reader(self.settings, topics, from_beginning=from_beginning, **overrides)
 
     # --- the worker ---------------------------------------------------------------------------------
-    def worker(self, *, consumer: Any = None, producer: Any = None) -> Worker:
-        """The stream worker; ``consumer``/``producer`` replace the Kafka clients (an in-process feed)."""
+    def worker(self, *, consumer: Any = None, producer: Any = None, banks: Banks | None = None) -> Worker:
+        """The stream worker; ``consumer``/``producer`` replace the Kafka clients (an in-process feed),
+        ``banks`` the banks topic (default: :attr:`bank_store`, unless ``MODERATOR_BANKS_ENABLED=false``)."""
+        if banks is None:
+            banks = self.bank_store if self.settings.banks_enabled else FixedBanks()
         return Worker(
             self.settings, self.engine, self.policies,
             consumer=consumer if consumer is not None else self.consumer(),
             producer=producer if producer is not None else self.producer(),
-            fetcher=self.fetcher,
+            fetcher=self.fetcher, banks=banks,
         )  # fmt: skip
 
     def serve(self) -> int:
@@ -122,10 +136,13 @@ class App:
         health.add_check("policies_compiled", lambda: bool(registry.current.policies))
         health.add_check("partitions_assigned", worker.assigned.is_set)
         registry.start()
+        store = self.bank_store.start() if self.settings.banks_enabled else None
         try:
             code = worker.run()
         finally:
             registry.stop()
+            if store is not None:
+                store.stop()
             health.stop()
         stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
         if stuck:  # e.g. an image fetch past its deadline: the exit bound wins over waiting for it

@@ -335,6 +335,7 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moderator.banks.cli import register_cli as register_bank
     from moderator.bench.cli import register_cli as register_bench
     from moderator.policy.cli import register_cli as register_policy
     from moderator.stack.cli import register_cli as register_stack
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     register_policy(sub)
+    register_bank(sub)
 
     p = sub.add_parser("replay", help="re-decide logged embeddings under a candidate policy; compare with the live one")
     p.add_argument("--policy", required=True, help="the candidate: a policy file or directory")

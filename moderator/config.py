@@ -131,6 +131,13 @@ class Settings(BaseSettings):
     policy_strict: bool = False  # directory: refuse to start when a policy file is invalid
     policy_allow_empty: bool = False  # kafka: start even when no policy has been published yet
 
+    # --- Known-image banks (moderator bank) -----------------------------------------------------
+    # Each image's PDQ hash, for bank rules and the embeddings log (retroactive scans); about 0.6 ms
+    # of one core per image. false: bank rules match by embedding only.
+    pdq_enabled: bool = True
+    # Follow the banks topic (read at start-up, then followed). false: no bank rule ever matches.
+    banks_enabled: bool = True
+
     # --- The review console (moderator console) ------------------------------------------------
     console_host: str = "127.0.0.1"  # where the console listens (behind a TLS proxy in production)
     console_port: int = Field(8081, ge=0, le=65535)  # 0 = a free port

@@ -29,15 +29,39 @@ class PolicyRef(_Record):
     version: str = Field(description="content hash of the policy's normalized form")
 
 
+class BankMatch(_Record):
+    """Why a bank rule fired: the image matched this entry of a known-image bank."""
+
+    bank: str
+    entry: str = Field(description="the entry's id in its bank")
+    label: str = ""
+    action: Outcome = Field(description="what the rule decides: flag or review; allow for a negative bank")
+    negative: bool = Field(False, description="a known-benign image: its categories' rules are suppressed")
+    pdq_distance: int | None = Field(None, description="Hamming distance of the PDQ hashes (of 256 bits)")
+    pdq_max: int | None = Field(None, description="the rule's largest distance that matches")
+    variant: str | None = Field(None, description="which rotation or mirror of the bank image matched")
+    cosine: float | None = Field(None, description="cosine similarity of the CLIP embeddings")
+    cosine_min: float | None = Field(None, description="the rule's smallest similarity that matches")
+
+
 class Trigger(_Record):
-    """A rule that fired: the category's score reached the threshold of that rule."""
+    """A rule that fired: the category's score reached the threshold of that rule (``flag``,
+    ``review``), or the image matched a known-image bank (``bank``: see ``match``; score 1)."""
 
     category: str
-    rule: Literal["flag", "review"]
+    rule: Literal["flag", "review", "bank"]
     score: float
     threshold: float
     severity: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    match: BankMatch | None = Field(None, description="rule bank: the bank entry the image matched")
+
+    @property
+    def action(self) -> Outcome:
+        """The outcome this trigger asks for."""
+        if self.match is not None:
+            return self.match.action
+        return "flag" if self.rule == "flag" else "review"
 
 
 class Decision(_Record):
@@ -181,6 +205,7 @@ class Timings(_Record):
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
     preprocess_ms: float = Field(0.0, description="resize and center crop")
+    pdq_ms: float = Field(0.0, description="the PDQ hash of the decoded image")
     batch_wait_ms: float = Field(0.0, description="in the micro-batcher")
     model_ms: float = Field(0.0, description="the batch's image tower time")
     score_ms: float = Field(0.0, description="the batch's policy scoring time")
@@ -245,6 +270,9 @@ class ReviewItem(_Record):
     sampled: bool = Field(False, description="an audit sample of an allow or flag decision, not a review decision")
     sample_rate: float | None = Field(None, description="the audit rate it was sampled at (sampled items)")
     explanation: list[CategoryExplanation] = Field(default_factory=list, description="per category: the closest texts")
+    retroactive: bool = Field(
+        False, description="found after its decision by `moderator bank scan`: it matches an entry added later"
+    )
 
 
 VerdictKind = Literal["confirm", "overturn", "escalate"]
@@ -288,6 +316,9 @@ class EmbeddingRecord(_Record):
     source: Source
     live: Decision = Field(description="the live decision: outcome, scores, rules that fired, policy name + version")
     decided_at: str
+    pdq: str | None = Field(None, description="the image's PDQ hash, 64 hex characters (when the worker hashes)")
+    pdq_quality: int | None = None
+    image: ImageRef | None = Field(None, description="where the image is (for a retroactive review item)")
 
 
 class ShadowDecisionRecord(_Record):
@@ -338,8 +369,10 @@ def review_priority(triggered: list[Trigger]) -> int:
     """0..100: the strongest trigger's severity weight times its score (flag rules rank higher)."""
     best = 0.0
     for t in triggered:
+        if t.action == "allow":  # a negative bank's match asks for nothing
+            continue
         weight = SEVERITY_WEIGHT.get((t.severity or "").lower(), 0.5)
-        best = max(best, weight * t.score * (1.0 if t.rule == "flag" else 0.8))
+        best = max(best, weight * t.score * (1.0 if t.action == "flag" else 0.8))
     return round(100 * min(1.0, best))
 
 
@@ -367,6 +400,30 @@ class PublishedPolicy(_Record):
     replaces: str | None = Field(None, description="the version that was live before")
 
 
+class BankEntry(_Record):
+    """What the banks topic carries: one known image of a bank (key ``<bank>/<id>``; compacted).
+
+    A record with no value (a tombstone) under the key removes the entry. An entry has a PDQ hash,
+    a CLIP embedding, or both; an embedding matches only on workers serving its ``model``.
+    """
+
+    bank: str
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[\x21-\x7e]+$")
+    pdq: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="PDQ hash, 64 lowercase hex characters")
+    pdq_quality: int | None = Field(None, ge=0, le=100)
+    embedding: str | None = Field(None, description="L2-normalized CLIP embedding: dim little-endian float16, base64")
+    dim: int | None = Field(None, ge=1)
+    model: str | None = Field(None, description="fingerprint of the model that computed the embedding")
+    label: str = Field("", max_length=500)
+    source: str = Field(description="where it came from: image:<file>, csv:<file>, verdict:<event id>, ...")
+    added_by: str
+    added_at: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.bank}/{self.id}"
+
+
 # The record of each topic of the registry (``moderator/topics.py`` names them).
 RECORDS: dict[str, type[BaseModel]] = {
     "ImageEvent": ImageEvent,
@@ -377,6 +434,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "ShadowDecisionRecord": ShadowDecisionRecord,
     "Verdict": Verdict,
     "PublishedPolicy": PublishedPolicy,
+    "BankEntry": BankEntry,
 }
 
 

@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moderator.banks.pdq import PdqHash, hash_image
 from moderator.config import Settings
 from moderator.errors import ReasonError
-from moderator.observability import IMAGE_ERRORS, STAGE_SECONDS
+from moderator.observability import IMAGE_ERRORS, STAGE_SECONDS, get_logger
+
+log = get_logger(__name__)
 
 
 class ImageError(ReasonError):
@@ -227,6 +230,20 @@ def load_image(
     The seconds spent decoding and preprocessing go to ``moderator_stage_seconds`` (stages
     ``decode`` and ``preprocess``) and, when given, into ``timings`` under the same names.
     """
+    return _load(data, limits, spec, timings, with_pdq=False)[0]
+
+
+def load_image_hashed(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None = None
+) -> tuple[np.ndarray, PdqHash | None]:
+    """:func:`load_image`, and the PDQ hashes of the decoded image (stage and timing ``pdq``); None
+    if the hasher fails on an image that decoded (logged: the image is still decided)."""
+    return _load(data, limits, spec, timings, with_pdq=True)
+
+
+def _load(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None, with_pdq: bool
+) -> tuple[np.ndarray, PdqHash | None]:
     try:
         t0 = time.perf_counter()
         img = decode(data, limits, spec)
@@ -236,12 +253,22 @@ def load_image(
     except ImageError as exc:
         IMAGE_ERRORS.labels(reason=exc.reason).inc()
         raise
+    pdq = None
+    if with_pdq:
+        try:
+            pdq = hash_image(img)
+        except Exception as exc:
+            log.warning("pdq_failed", error=f"{type(exc).__name__}: {exc}", size=img.size)
+    t3 = time.perf_counter()
     STAGE_SECONDS.labels(stage="decode").observe(t1 - t0)
     STAGE_SECONDS.labels(stage="preprocess").observe(t2 - t1)
+    if with_pdq:
+        STAGE_SECONDS.labels(stage="pdq").observe(t3 - t2)
     if timings is not None:
         timings["decode"] = t1 - t0
         timings["preprocess"] = t2 - t1
-    return out
+        timings["pdq"] = t3 - t2
+    return out, pdq
 
 
 class ImageLoader:

@@ -151,6 +151,16 @@ POLICY_INFO = Gauge(
     registry=REGISTRY,
 )
 
+# Known-image banks (moderator/banks/)
+BANK_ENTRIES = Gauge("moderator_bank_entries", "Entries of each bank this worker matches against", ["bank"],
+                     registry=REGISTRY)  # fmt: skip
+BANK_MATCHES = Counter(
+    "moderator_bank_matches_total",
+    "Bank rules fired, by bank and kind (positive, negative)",
+    ["bank", "kind"],
+    registry=REGISTRY,
+)
+
 # The worker (moderator/worker/)
 EVENTS_IN = Counter("moderator_events_total", "Events received from the images topic", registry=REGISTRY)
 DECISIONS = Counter("moderator_decisions_total", "Decisions published, by outcome", ["outcome"], registry=REGISTRY)

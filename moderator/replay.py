@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moderator.app import App
+from moderator.banks.pdq import MIN_QUALITY
 from moderator.clients import TopicError, read_to_end
 from moderator.comparison import Comparison, Side, compare, merge, unstable_within, verdict_metrics
 from moderator.events import FINAL_VERDICTS, Verdict, decode_vectors
@@ -50,6 +51,8 @@ class LoggedEvents:
     vectors: np.ndarray  # float32 [N, D] (as stored: normalized before rounding; the tolerance covers it)
     live: list[dict[str, Any]]  # the live decision stored with each (outcome, scores, triggered, policy)
     dtype: str  # how the vectors were stored (the widest seen)
+    pdq: list[str | None]  # each image's PDQ hash (when its worker hashed it)
+    values: list[bytes]  # the records as read (``moderator bank scan`` re-reads the ones it reports)
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
     seconds: dict[str, float]  # read (from Kafka), parse (JSON), decode (vectors)
@@ -80,6 +83,8 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
     vectors: dict[tuple[str, int], list[str]] = {}
     rows: dict[tuple[str, int], list[int]] = {}
     live: list[dict[str, Any]] = []
+    pdq: list[str | None] = []
+    values: list[bytes] = []
     skipped = 0
     for value in latest.values():
         r = json.loads(value)
@@ -91,6 +96,8 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
         rows.setdefault(key, []).append(len(ids))
         ids.append(r["event_id"])
         live.append(r["live"])
+        pdq.append(r.get("pdq") if (r.get("pdq_quality") or 0) >= MIN_QUALITY else None)
+        values.append(value)
     t2 = time.perf_counter()
     dims = {dim for _, dim in vectors}
     if len(dims) > 1:
@@ -105,7 +112,7 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
             out[rows[key]] = decode_vectors(texts, key[0], dim)
     dtype = "float16" if any(k[0] == "float16" for k in vectors) else "float32"
     seconds = {"read": t1 - t0, "parse": t2 - t1, "decode": time.perf_counter() - t2}
-    return LoggedEvents(ids, out, live, dtype, read, skipped, {k: round(v, 3) for k, v in seconds.items()})
+    return LoggedEvents(ids, out, live, dtype, pdq, values, read, skipped, {k: round(v, 3) for k, v in seconds.items()})
 
 
 def read_verdicts(app: App) -> dict[str, Verdict]:
@@ -192,9 +199,14 @@ def run_replay(
     labelled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # base, cand, violation, weight
     per_policy: dict[str, Comparison] = {}
     skipped_other_policy = skipped_pinned = 0
+    # Bank matches are not replayed (the log keeps no dihedral hashes, and banks change apart from
+    # policies: `moderator bank scan` is their replay); events a bank rule decided are left out.
+    by_bank = np.array([any(t["rule"] == "bank" for t in d["triggered"]) for d in logged.live], dtype=bool)
     t0 = time.perf_counter()
     for name in sorted(set(logged.policies)):
-        rows = np.flatnonzero(names == name)
+        rows = np.flatnonzero((names == name) & ~by_bank)
+        if not len(rows):
+            continue
         if name in pinned:
             skipped_pinned += len(rows)
             continue
@@ -238,6 +250,7 @@ def run_replay(
         **total.to_dict(),
         "skipped_other_model": logged.skipped_other_model + skipped_pinned,
         "skipped_other_policy": skipped_other_policy,
+        "skipped_bank_match": int(by_bank.sum()),
         "records_read": logged.read,
         "model": engine.fingerprint,
         "stored_dtype": logged.dtype,
@@ -305,7 +318,8 @@ def render(report: dict[str, Any], failed: Iterable[str] = ()) -> str:
     lines = [
         f"replayed {report['replayed']} events ({report['records_read']} records read; skipped: "
         f"{report['skipped_other_model']} of another model, {report['skipped_other_policy']} of a policy "
-        f"not in the candidate); storage tolerance {report['tolerance']:.2g} ({report['stored_dtype']} log)",
+        f"not in the candidate, {report.get('skipped_bank_match', 0)} decided by a bank match); "
+        f"storage tolerance {report['tolerance']:.2g} ({report['stored_dtype']} log)",
         f"baseline: {report['baseline']}; candidate: " + ", ".join(f"{n} {v}" for n, v in report["candidate"].items()),
         "",
         f"{'baseline -> candidate':<22}" + "".join(f"{n:>10}" for n in names),

@@ -74,6 +74,15 @@ TOPICS: tuple[TopicSpec, ...] = (
         compacted=True,
         partitions=1,
     ),
+    TopicSpec(
+        "banks",
+        "banks",
+        "BankEntry",
+        "state",
+        "known-image banks: PDQ hashes and embeddings (moderator bank)",
+        compacted=True,
+        partitions=1,
+    ),
 )
 
 BY_KEY: dict[str, TopicSpec] = {t.key: t for t in TOPICS}

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderator.events import CategoryExplanation, Decision, Outcome, PolicyRef, TextMatch, Trigger
+from moderator.banks.index import Hit
+from moderator.events import BankMatch, CategoryExplanation, Decision, Outcome, PolicyRef, TextMatch, Trigger
 from moderator.observability import STAGE_SECONDS, get_logger
-from moderator.policy.spec import PolicyError, PolicySpec
+from moderator.policy.spec import BankRule, PolicyError, PolicySpec
 
 if TYPE_CHECKING:
     from moderator.embedding_cache import TextEncoder
@@ -74,6 +75,48 @@ def decide_batch(scores: np.ndarray, flag: np.ndarray, review: np.ndarray) -> np
 OUTCOMES: tuple[Outcome, ...] = ("allow", "review", "flag")  # by outcome code
 
 
+def apply_banks(rules: Sequence[BankRule], hits: Sequence[Hit], triggered: list[Trigger]) -> tuple[list[Trigger], int]:
+    """One image's triggers and outcome code once its bank hits are applied (pure).
+
+    A hit fires each rule of its bank whose thresholds it meets: a positive rule adds a ``bank``
+    trigger with the rule's decision; a negative rule adds one that decides nothing and removes every
+    other trigger of its categories. The outcome is the strongest action left.
+    """
+    fired: list[Trigger] = []
+    suppressed: set[str] = set()
+    for rule in rules:
+        matches = [m for hit in hits if hit.entry.bank == rule.name and (m := _match(rule, hit)) is not None]
+        if not matches:
+            continue
+        # The closest entry: the smallest PDQ distance, then the highest similarity.
+        match = min(matches, key=lambda m: (m.pdq_distance if m.pdq_distance is not None else 999, -(m.cosine or 0)))
+        if rule.negative:
+            suppressed.update(rule.categories)
+            fired += [Trigger(category=c, rule="bank", score=1.0, threshold=1.0, labels=rule.labels, match=match)
+                      for c in rule.categories]  # fmt: skip
+        else:
+            fired.append(Trigger(category=rule.reported_category, rule="bank", score=1.0, threshold=1.0,
+                                 severity=rule.severity, labels=rule.labels, match=match))  # fmt: skip
+    kept = [t for t in triggered + fired if t.category not in suppressed or t.action == "allow"]
+    code = max((OUTCOMES.index(t.action) for t in kept), default=0)
+    return kept, code
+
+
+def _match(rule: BankRule, hit: Hit) -> BankMatch | None:
+    """How ``hit`` meets ``rule`` (by PDQ, by embedding, or both); None if it meets neither threshold."""
+    by_pdq = rule.pdq_distance is not None and hit.pdq_distance is not None and hit.pdq_distance <= rule.pdq_distance
+    by_embedding = rule.cosine is not None and hit.cosine is not None and hit.cosine >= rule.cosine
+    if not (by_pdq or by_embedding):
+        return None
+    return BankMatch(
+        bank=rule.name, entry=hit.entry.id, label=hit.entry.label,
+        action="allow" if rule.negative else rule.decision, negative=rule.negative,
+        pdq_distance=hit.pdq_distance if by_pdq else None, pdq_max=rule.pdq_distance if by_pdq else None,
+        variant=hit.variant if by_pdq else None,
+        cosine=hit.cosine if by_embedding else None, cosine_min=rule.cosine if by_embedding else None,
+    )  # fmt: skip
+
+
 # ==================================================================================================
 # Compiled policies
 
@@ -101,13 +144,14 @@ class CompiledPolicy:
         logits = self.logit_scale * (image_embeds.float() @ self.matrix)
         return score_logits(logits, self.tables).cpu().numpy()
 
-    def decisions(self, image_embeds: torch.Tensor) -> list[Decision]:
+    def decisions(self, image_embeds: torch.Tensor, hits: Sequence[Sequence[Hit]] | None = None) -> list[Decision]:
+        """Decide a batch: its category scores, and (given) each image's bank hits."""
         t0 = time.perf_counter()
-        out = self.decide(self.scores(image_embeds))
+        out = self.decide(self.scores(image_embeds), hits)
         STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
         return out
 
-    def decide(self, scores: np.ndarray) -> list[Decision]:
+    def decide(self, scores: np.ndarray, hits: Sequence[Sequence[Hit]] | None = None) -> list[Decision]:
         codes = decide_batch(scores, self.flag, self.review)
         ref = self.ref
         enabled = [c for c in self.spec.categories if c.enabled]
@@ -122,7 +166,9 @@ class CompiledPolicy:
                 triggered.append(Trigger(category=c.name, rule="flag" if flag else "review", score=row[j],
                                          threshold=c.flag if flag else c.review, severity=c.severity,
                                          labels=c.labels))  # fmt: skip
-            triggered.sort(key=lambda t: (t.rule != "flag", -t.score))
+            if hits is not None and hits[i] and self.spec.banks:
+                triggered, code = apply_banks(self.spec.banks, hits[i], triggered)
+            triggered.sort(key=lambda t: (t.action != "flag", t.rule != "bank", -t.score))
             out.append(
                 Decision(
                     decision=OUTCOMES[code],

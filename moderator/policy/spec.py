@@ -7,11 +7,12 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moderator.banks.pdq import MATCH_DISTANCE
 from moderator.errors import ReasonError
 from moderator.observability import get_logger
 
@@ -60,6 +61,44 @@ class Audit(_Strict):
         return self.allow if outcome == "allow" else self.flag if outcome == "flag" else 0.0
 
 
+class BankRule(_Strict):
+    """Decide by a known-image bank: an image that matches one of its entries triggers this rule.
+
+    A match is a PDQ hash within ``pdq_distance`` bits (null: no PDQ matching) or a CLIP embedding
+    at least ``cosine`` similar (null, the default: no embedding matching; set it per checkpoint,
+    after looking at what it matches). A ``negative`` bank holds known-benign images: a match
+    suppresses every rule of its ``categories`` (their thresholds and positive banks) for that image.
+    """
+
+    name: str = Field(pattern=NAME_RE, description="the bank (moderator bank list)")
+    negative: bool = False
+    decision: Literal["flag", "review"] = Field("flag", description="what a match decides (positive banks)")
+    category: str | None = Field(None, description="the category a match is reported under (default: the bank)")
+    categories: list[str] = Field(default_factory=list, description="negative: the categories it suppresses")
+    pdq_distance: int | None = Field(MATCH_DISTANCE, ge=0, le=128, description="largest PDQ Hamming distance")
+    cosine: float | None = Field(None, gt=0.0, le=1.0, description="smallest embedding cosine similarity")
+    severity: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind(self) -> BankRule:
+        if self.pdq_distance is None and self.cosine is None:
+            raise ValueError("a bank rule needs pdq_distance or cosine (or both)")
+        if self.negative:
+            if not self.categories:
+                raise ValueError("a negative bank names the categories it suppresses (categories: [...])")
+            extra = {"decision", "category", "severity"} & self.model_fields_set
+            if extra:
+                raise ValueError(f"a negative bank decides nothing itself: remove {sorted(extra)}")
+        elif self.categories:
+            raise ValueError("categories is for negative banks; a positive bank reports under one category")
+        return self
+
+    @property
+    def reported_category(self) -> str:
+        return self.category or self.name
+
+
 def audit_draw(event_id: str) -> float:
     """A uniform number in [0, 1) fixed by the event id: an event is sampled when it is below the
     rate, so the same event (a replay, a re-delivery) is sampled the same way every time."""
@@ -82,6 +121,7 @@ class PolicySpec(_Strict):
     templates: list[str] = Field(default_factory=lambda: ["a photo of {}."], min_length=1)
     neutral: list[str] = Field(default_factory=list, description="ordinary content every category is scored against")
     categories: list[Category] = Field(min_length=1)
+    banks: list[BankRule] = Field(default_factory=list, description="known-image banks this policy decides by")
 
     @field_validator("templates")
     @classmethod
@@ -109,15 +149,34 @@ class PolicySpec(_Strict):
             raise ValueError("a shadow policy cannot be the default: it never decides an event")
         if self.shadow_of == self.name:
             raise ValueError("a policy cannot be its own shadow")
+        known = set(names)
+        for rule in self.banks:
+            unknown = sorted(set(rule.categories) - known)
+            if unknown:
+                raise ValueError(f"bank {rule.name!r}: no categories {unknown} in this policy")
+        rules = [(r.name, r.negative) for r in self.banks]
+        if len(set(rules)) != len(rules):
+            raise ValueError("a bank is named twice with the same role (positive or negative)")
         return self
+
+    @property
+    def max_pdq_distance(self) -> int | None:
+        """The widest PDQ rule (None: no PDQ matching); the index is searched once for all rules."""
+        return max((r.pdq_distance for r in self.banks if r.pdq_distance is not None), default=None)
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min((r.cosine for r in self.banks if r.cosine is not None), default=None)
 
     def version(self) -> str:
         """Content hash of the normalized form: comments, key order and layout do not change it.
 
         ``default``, ``shadow_of`` and ``audit`` are left out: they say which events the policy serves
-        and which of its decisions are also sampled for review, not how it decides them.
+        and which of its decisions are also sampled for review, not how it decides them. ``banks``
+        counts when it has rules (so policies without any keep the versions they had before banks).
         """
-        normalized = self.model_dump(mode="json", exclude={"default", "shadow_of", "audit"})
+        exclude = {"default", "shadow_of", "audit"} | (set() if self.banks else {"banks"})
+        normalized = self.model_dump(mode="json", exclude=exclude)
         canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

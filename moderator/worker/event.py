@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from kafka import TopicPartition
 
-from moderator.events import CategoryExplanation, Decision, ParsedEvent, Source, Timings
+from moderator.banks.pdq import PdqHash
+from moderator.events import CategoryExplanation, Decision, ImageRef, ParsedEvent, Source, Timings
 from moderator.images import PreprocessSpec
 from moderator.worker.checkpoint import Receipt
 
@@ -38,6 +39,7 @@ class Event:
     pixels: np.ndarray | None = None
     image_sha256: str = ""
     image_bytes: int = 0
+    pdq: PdqHash | None = None  # the decoded image's PDQ hashes (when the worker hashes)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -52,6 +54,13 @@ class Event:
     def source(self) -> Source:
         return Source(topic=self.tp.topic, partition=self.tp.partition, offset=self.offset,
                       timestamp_ms=self.timestamp_ms)  # fmt: skip
+
+    @property
+    def image(self) -> ImageRef:
+        """Where the image can be had again: its URL, or the event's own coordinates (inline)."""
+        url = self.parsed.url if self.parsed else None
+        return ImageRef(url=url, inline_source=None if url else self.source, sha256=self.image_sha256,
+                        bytes=self.image_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from moderator import observability as obs
+from moderator.banks.store import Banks
 from moderator.config import Settings
 from moderator.errors import ReasonError
 from moderator.events import parse_event
@@ -37,7 +38,8 @@ class Worker:
     """Consumes the images topic and decides every event; see the package docstring for the threads.
 
     The Kafka clients are given (``moderator.app.App.worker`` builds them from the settings; the
-    benchmark and the unit tests give an in-process :class:`~moderator.worker.feed.QueueFeed`).
+    benchmark and the unit tests give an in-process :class:`~moderator.worker.feed.QueueFeed`), and
+    so are the banks (the followed banks topic, or a fixed index).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Worker:
         consumer: KafkaConsumer,
         producer: KafkaProducer,
         fetcher: Fetcher,
+        banks: Banks,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -63,9 +66,10 @@ class Worker:
             self, fetcher, ImageLimits.from_settings(settings), engine,
             fetch_threads=settings.fetch_threads, decode_threads=settings.decode_threads,
             decode_with_batch=decode_before_forward(settings.decode_schedule, engine.device),
+            hash_pdq=settings.pdq_enabled,
         )  # fmt: skip
         self.batches = BatchStage(
-            self, self.images, engine, registry, max_batch_size=settings.max_batch_size,
+            self, self.images, engine, registry, banks, max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
             embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
             review_include_flagged=settings.review_include_flagged,

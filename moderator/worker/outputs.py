@@ -28,7 +28,6 @@ from moderator.events import (
     Decision,
     DecisionRecord,
     EmbeddingRecord,
-    ImageRef,
     ReviewItem,
     ShadowDecisionRecord,
     encode_vector,
@@ -80,8 +79,7 @@ class Outputs:
         if goes_to_review(d, result.sample_rate, self.review_include_flagged):
             item = ReviewItem(
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
-                image=ImageRef(url=e.parsed.url, inline_source=None if e.parsed.url else e.source,
-                               sha256=e.image_sha256, bytes=e.image_bytes),
+                image=e.image,
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
                 metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
                 sampled=result.sample_rate is not None, sample_rate=result.sample_rate,
@@ -92,7 +90,8 @@ class Outputs:
             embedding = EmbeddingRecord(
                 event_id=e.parsed.id, model=d.model, dtype=self.embeddings_dtype, dim=len(result.embedding),
                 vector=encode_vector(result.embedding, self.embeddings_dtype), source=e.source, live=d,
-                decided_at=decided_at,
+                decided_at=decided_at, pdq=e.pdq.hex if e.pdq else None, pdq_quality=e.pdq.quality if e.pdq else None,
+                image=e.image,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
         for shadow in result.shadows:

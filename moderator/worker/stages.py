@@ -1,11 +1,12 @@
 """The worker's two stages after the consumer: images (fetch, decode) and batches (model, policy).
 
 - :class:`ImageStage`, on a thread pool: fetch a URL image through the SSRF-safe fetcher (or take
-  the inline bytes); then, unless decoding waits for the batch, decode with limits and resize/crop
-  to uint8; hand the event to the batch stage.
+  the inline bytes); then, unless decoding waits for the batch, decode with limits, PDQ-hash the
+  decoded image and resize/crop to uint8; hand the event to the batch stage.
 - :class:`BatchStage`, one thread: the micro-batcher (size or oldest-waited deadline); on the CPU,
   the batch's decoding on every core just before its forward (``decode_schedule``); the image tower;
-  one policy snapshot per batch; the decisions, handed to the worker's sink to publish.
+  one policy snapshot and one bank index per batch, searched once for the whole batch; the
+  decisions, handed to the worker's sink to publish.
 
 Bad data never escapes a stage: every failure becomes the event's dead letter through the sink.
 """
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 
 from moderator import observability as obs
+from moderator.banks.index import Hit
+from moderator.banks.store import Banks
 from moderator.batcher import MicroBatcher
 from moderator.errors import ReasonError
 from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
-from moderator.images import ImageLimits, load_image
-from moderator.policy import PolicyRegistry, audit_draw, explanations
+from moderator.images import ImageLimits, load_image, load_image_hashed
+from moderator.policy import PolicyRegistry, PolicySet, audit_draw, explanations
 from moderator.worker.event import Decided, Event, ImageEngine, ms
 from moderator.worker.outputs import goes_to_review
 
@@ -79,12 +82,14 @@ class ImageStage:
         fetch_threads: int,
         decode_threads: int,
         decode_with_batch: bool,
+        hash_pdq: bool,
     ) -> None:
         self.sink = sink
         self.fetcher = fetcher
         self.limits = limits
         self.engine = engine
         self.decode_with_batch = decode_with_batch
+        self.hash_pdq = hash_pdq
         self.ready: queue.Queue[Event | None] = queue.Queue()  # to the batch stage; None closes it
         self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="image")
         self._decode_slots = threading.BoundedSemaphore(decode_threads)
@@ -120,9 +125,13 @@ class ImageStage:
         try:
             seconds: dict[str, float] = {}
             with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
-                e.pixels = load_image(data, self.limits, self.engine.spec, seconds)
+                if self.hash_pdq:
+                    e.pixels, e.pdq = load_image_hashed(data, self.limits, self.engine.spec, seconds)
+                else:
+                    e.pixels = load_image(data, self.limits, self.engine.spec, seconds)
             e.timings["decode_ms"] = ms(seconds["decode"])
             e.timings["preprocess_ms"] = ms(seconds["preprocess"])
+            e.timings["pdq_ms"] = ms(seconds["pdq"])
             e.image_bytes = len(data)
             e.image_sha256 = hashlib.sha256(data).hexdigest()
             e.data = None
@@ -145,6 +154,7 @@ class BatchStage:
         images: ImageStage,
         engine: ImageEngine,
         registry: PolicyRegistry,
+        banks: Banks,
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -159,6 +169,7 @@ class BatchStage:
         self.images = images
         self.engine = engine
         self.registry = registry
+        self.banks = banks
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         # Set: each batch is decoded on every core just before its forward.
@@ -224,6 +235,7 @@ class BatchStage:
         model_s = time.perf_counter() - t0  # transfer + forward (each observed by the engine)
         obs.BATCH_SIZE.observe(len(events))
         t1 = time.perf_counter()
+        hits = self.bank_hits(snapshot, events, embeds)
         groups: dict[str | None, list[int]] = {}
         for i, e in enumerate(events):
             groups.setdefault(e.parsed.policy if e.parsed else None, []).append(i)
@@ -238,7 +250,8 @@ class BatchStage:
                 for i in rows:
                     self.sink.failed(events[i], exc.reason, str(exc))
                 continue
-            for i, d in zip(rows, policy.decisions(embeds[rows]), strict=True):
+            group_hits = None if hits is None else [hits[i] for i in rows]
+            for i, d in zip(rows, policy.decisions(embeds[rows], group_hits), strict=True):
                 decisions[i] = d
                 parsed = events[i].parsed
                 if policy.spec.audit is not None and parsed is not None:
@@ -246,7 +259,7 @@ class BatchStage:
                     if rate > 0 and audit_draw(parsed.id) < rate:
                         sample_rates[i] = rate
             for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
-                for i, d in zip(rows, shadow.decisions(embeds[rows]), strict=True):
+                for i, d in zip(rows, shadow.decisions(embeds[rows], group_hits), strict=True):
                     shadows[i].append(d)
             # The review feed's items carry why they scored as they did (one product for all of them).
             feed = [i for i in rows if goes_to_review(decisions[i], sample_rates[i], self.review_include_flagged)]
@@ -269,6 +282,7 @@ class BatchStage:
             timings = Timings(
                 queued_ms=e.timings.get("queued_ms", 0.0), fetch_ms=e.timings.get("fetch_ms", 0.0),
                 decode_ms=e.timings.get("decode_ms", 0.0), preprocess_ms=e.timings.get("preprocess_ms", 0.0),
+                pdq_ms=e.timings.get("pdq_ms", 0.0),
                 batch_wait_ms=ms(w), model_ms=ms(model_s), score_ms=ms(score_s), total_ms=ms(now - e.received),
                 end_to_end_ms=round(e2e, 3) if e2e is not None else None,
             )  # fmt: skip
@@ -277,7 +291,28 @@ class BatchStage:
                 Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), sample_rates[i], explained[i])
             )
             obs.DECISIONS.labels(outcome=decision.decision).inc()
+            for t in decision.triggered:
+                if t.match is not None:
+                    obs.BANK_MATCHES.labels(
+                        bank=t.match.bank, kind="negative" if t.match.negative else "positive"
+                    ).inc()
             obs.EVENT_LATENCY.observe(now - e.received)
             if e2e is not None:
                 obs.END_TO_END.observe(max(0.0, e2e / 1000))
         obs.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - t2)
+
+    def bank_hits(self, snapshot: PolicySet, events: list[Event], embeds: torch.Tensor) -> list[list[Hit]] | None:
+        """Each image's bank hits, one search for the batch at the widest thresholds of the policies
+        that serve now (each policy's rules then keep the hits within their own); None: no bank rule."""
+        index = self.banks.current
+        if not len(index):
+            return None
+        specs = [p.spec for p in snapshot.policies.values()] + [p.spec for s in snapshot.shadows.values() for p in s]
+        distances = [d for s in specs if (d := s.max_pdq_distance) is not None]
+        cosines = [c for s in specs if (c := s.min_cosine) is not None]
+        if not distances and not cosines:
+            return None
+        t0 = time.perf_counter()
+        hits = index.search([e.pdq for e in events], embeds, max(distances, default=None), min(cosines, default=None))
+        obs.STAGE_SECONDS.labels(stage="banks").observe(time.perf_counter() - t0)
+        return hits

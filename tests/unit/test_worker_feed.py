@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from moderator.app import App
+from moderator.banks.store import FixedBanks
 from moderator.config import Settings
 from moderator.events import decode_vectors
 from moderator.images import ImageLimits, load_image
@@ -32,7 +33,8 @@ def _event(event_id: str, seed: int, **extra: object) -> bytes:
 
 def _settings(**overrides: object) -> Settings:
     values: dict[str, object] = {"policy_dir": ROOT / "policies", "redis_enabled": False, "max_batch_size": 8,
-                                 "max_delay_ms": 5, "commit_interval_ms": 50, "shutdown_timeout_s": 10}  # fmt: skip
+                                 "max_delay_ms": 5, "commit_interval_ms": 50, "shutdown_timeout_s": 10,
+                                 "banks_enabled": False}  # fmt: skip
     values.update(overrides)
     return Settings(**values)
 
@@ -187,3 +189,48 @@ def test_the_worker_samples_allow_decisions_at_the_policy_rate(tmp_path, tiny_en
     assert sampled == {e for e in allowed if audit_draw(e) < 0.25}  # exactly the rule, per event id
     assert all(review[e]["sample_rate"] == 0.25 and review[e]["decision"] == "allow" for e in sampled)
     assert all(len(review[e]["explanation"]) == 6 for e in sampled)  # they carry why they scored so
+
+
+def test_a_bank_match_decides_in_the_worker_and_the_log_keeps_the_hash(tmp_path, tiny_engine):
+    """A re-encoded copy of a banked image is flagged by the bank rule (the decision names the bank,
+    the entry and the distance); an unrelated image is not; the embeddings log keeps each image's
+    PDQ hash and where the image is."""
+    from moderator.banks.index import BankIndex, Entry
+    from moderator.banks.pdq import from_hex, hash_image
+
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    raw = yaml.safe_load((policies / "community-standards.yaml").read_text())
+    raw["banks"] = [{"name": "known", "decision": "flag", "category": "known-violation", "severity": "high"}]
+    (policies / "community-standards.yaml").write_text(yaml.safe_dump(raw))
+    banked = photo_like(320, 240, seed=77)
+    entry = Entry("known", "case-1", "a confirmed case", hash_image(banked).variants[0], None, None)
+    app = App(_settings(policy_dir=policies), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    for eid, arr in (("copy", banked), ("other", photo_like(320, 240, seed=78))):
+        data = base64.b64encode(jpeg_bytes(arr, quality=40)).decode()
+        feed.put(eid.encode(), json.dumps({"id": eid, "image": {"data": data}}).encode())
+    worker = app.worker(consumer=feed, producer=feed, banks=FixedBanks(BankIndex([entry], tiny_engine.fingerprint)))
+    code: list[int] = []
+    thread = threading.Thread(target=lambda: code.append(worker.run(install_signals=False)))
+    thread.start()
+    while len([o for o in feed.outputs_since(0, 0.2) if o.topic == "decisions"]) < 2 and thread.is_alive():
+        pass
+    worker.stop("test done")
+    thread.join(30)
+    out = _outputs(feed)
+    copy, other = out["decisions"]["copy"], out["decisions"]["other"]
+    assert copy["decision"] == "flag"
+    bank = [t for t in copy["triggered"] if t["rule"] == "bank"]
+    assert len(bank) == 1 and bank[0]["category"] == "known-violation" and bank[0]["severity"] == "high"
+    match = bank[0]["match"]
+    assert (match["bank"], match["entry"], match["label"], match["action"]) == ("known", "case-1", "a confirmed case",
+                                                                                 "flag")  # fmt: skip
+    assert match["pdq_distance"] <= 31 and match["pdq_max"] == 31 and match["variant"] == "original"
+    assert not any(t["rule"] == "bank" for t in other["triggered"])
+    assert copy["timings"]["pdq_ms"] > 0
+    logged = out["embeddings"]["copy"]
+    assert logged["pdq_quality"] >= 50
+    distance = int(np.bitwise_count(from_hex(logged["pdq"]) ^ entry.pdq).sum())
+    assert distance == match["pdq_distance"]
+    assert logged["image"]["inline_source"]["offset"] == copy["source"]["offset"]
