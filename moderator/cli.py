@@ -128,6 +128,41 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from moderator.calibrate import CalibrateError, Options, run_calibrate, summary_rows
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    opts = Options(
+        policy=args.policy, policy_file=Path(args.policy_file) if args.policy_file else None,
+        target_precision=args.target_precision, target_recall=args.target_recall, min_samples=args.min_samples,
+        confidence=args.confidence, out=Path(args.out) if args.out else Path("calibration") / f"{args.policy}-{stamp}",
+    )  # fmt: skip
+    try:
+        report = run_calibrate(_app(args), opts)
+    except CalibrateError as exc:
+        print(f"moderator calibrate: {exc}", file=sys.stderr)
+        return 2
+    if terminal.wants_json(args.json):
+        print(json.dumps(report))
+        return 0
+    print(terminal.table(summary_rows(report), ["category", "threshold", "target", "current", "proposed", "estimate",
+                                                "lower_bound", "verdicts", "why_not"]))  # fmt: skip
+    print(f"\n{report['verdicts']} verdicts; report, plots and the proposal in {opts.out}/")
+    if report["proposed_file"]:
+        replay = report["replay"]
+        print(f"proposed policy: {report['proposed_file']} (check: moderator policy check {report['proposed_file']})")
+        if replay:
+            volume = replay["volume"]
+            print(f"replayed on {replay['replayed']} logged events: review {volume['baseline']['review']} -> "
+                  f"{volume['candidate']['review']}, flag {volume['baseline']['flag']} -> {volume['candidate']['flag']}"
+                  f" (transitions in {opts.out}/replay.txt)")  # fmt: skip
+    else:
+        print("no threshold proposed: see why_not")
+    return 0
+
+
 def cmd_shadow(args: argparse.Namespace) -> int:
     from moderator.replay import render_shadow, shadow_report
 
@@ -372,6 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
     p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("calibrate", help="propose thresholds from reviewer verdicts: bounds, plots, a replay")
+    p.add_argument("--policy", required=True, help="the policy's name")
+    p.add_argument("--policy-file", help="its file (default: found by name in MODERATOR_POLICY_DIR, or published)")
+    p.add_argument("--target-precision", type=float, help="of flag decisions (default: each category's target)")
+    p.add_argument("--target-recall", type=float, help="of flag-or-review (default: each category's target)")
+    p.add_argument("--min-samples", type=int, default=30, help="fewest verdicts a threshold may rest on")
+    p.add_argument("--confidence", type=float, default=0.95, help="of the lower bounds (default 0.95)")
+    p.add_argument("--out", help="the report's directory (default: calibration/<policy>-<time>)")
+    p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
+    p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("shadow", help="live vs shadow policies: agreement and transitions, from the shadow topic")
     p.add_argument("--policy", help="only this shadow policy")

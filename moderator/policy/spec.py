@@ -26,6 +26,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+class Target(_Strict):
+    """What ``moderator calibrate`` aims for in a category when no flag says otherwise."""
+
+    precision: float | None = Field(None, gt=0.0, lt=1.0, description="of flag decisions: the flag threshold")
+    recall: float | None = Field(None, gt=0.0, lt=1.0, description="of flag-or-review: the review threshold")
+
+
 class Category(_Strict):
     name: str = Field(pattern=NAME_RE, description="machine name, e.g. weapons")
     descriptions: list[str] = Field(min_length=1, description="what it looks like, in plain language")
@@ -35,6 +42,7 @@ class Category(_Strict):
     severity: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="passed through to decisions")
     enabled: bool = True
+    target: Target | None = Field(None, description="calibration targets (moderator calibrate)")
 
     @field_validator("descriptions", "contrasts")
     @classmethod
@@ -172,10 +180,14 @@ class PolicySpec(_Strict):
         """Content hash of the normalized form: comments, key order and layout do not change it.
 
         ``default``, ``shadow_of`` and ``audit`` are left out: they say which events the policy serves
-        and which of its decisions are also sampled for review, not how it decides them. ``banks``
-        counts when it has rules (so policies without any keep the versions they had before banks).
+        and which of its decisions are also sampled for review, not how it decides them; nor are the
+        categories' calibration ``target``s. ``banks`` counts when it has rules (so policies without
+        any keep the versions they had before banks).
         """
-        exclude = {"default", "shadow_of", "audit"} | (set() if self.banks else {"banks"})
+        exclude: dict[str, Any] = {"default": True, "shadow_of": True, "audit": True,
+                                   "categories": {"__all__": {"target"}}}  # fmt: skip
+        if not self.banks:
+            exclude["banks"] = True
         normalized = self.model_dump(mode="json", exclude=exclude)
         canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
