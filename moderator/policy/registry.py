@@ -137,8 +137,10 @@ class PolicyRegistry:
         compile_fn: Callable[[PolicySpec, str], CompiledPolicy],
         default: str | None = None,
         interval_s: float = 0.5,
+        before_swap: Callable[[PolicySet], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.before_swap = before_swap
         self.compile_fn = compile_fn
         self.default_name = default
         self.interval_s = interval_s
@@ -186,7 +188,10 @@ class PolicyRegistry:
         return policies
 
     def _swap(self, policies: dict[str, CompiledPolicy]) -> None:
-        self.current = PolicySet.of(policies, self.default_name)
+        new = PolicySet.of(policies, self.default_name)
+        if self.before_swap is not None:
+            self.before_swap(new)
+        self.current = new
         self.generation += 1
 
     def refresh(self) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moderator.events import CategoryExplanation, Decision, Outcome, PolicyRef, TextMatch, Trigger
+from moderator.events import CategoryExplanation, Decision, ImagePrecision, Outcome, PolicyRef, TextMatch, Trigger
 from moderator.observability import STAGE_SECONDS, get_logger
 from moderator.policy.spec import PolicyError, PolicySpec
 
@@ -101,13 +101,14 @@ class CompiledPolicy:
         logits = self.logit_scale * (image_embeds.float() @ self.matrix)
         return score_logits(logits, self.tables).cpu().numpy()
 
-    def decisions(self, image_embeds: torch.Tensor) -> list[Decision]:
+    def decisions(self, image_embeds: torch.Tensor, image_precision: ImagePrecision = "float32") -> list[Decision]:
+        """The decisions of image embeddings computed by an image tower of ``image_precision`` (recorded)."""
         t0 = time.perf_counter()
-        out = self.decide(self.scores(image_embeds))
+        out = self.decide(self.scores(image_embeds), image_precision)
         STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
         return out
 
-    def decide(self, scores: np.ndarray) -> list[Decision]:
+    def decide(self, scores: np.ndarray, image_precision: ImagePrecision = "float32") -> list[Decision]:
         codes = decide_batch(scores, self.flag, self.review)
         ref = self.ref
         enabled = [c for c in self.spec.categories if c.enabled]
@@ -130,6 +131,7 @@ class CompiledPolicy:
                     triggered=triggered,
                     policy=ref,
                     model=self.model,
+                    image_precision=image_precision,
                 )
             )
         return out
@@ -211,14 +213,17 @@ def explanations(policy: CompiledPolicy, image_embeds: torch.Tensor, top: int = 
     return out
 
 
-def explain(policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3) -> dict[str, Any]:
+def explain(
+    policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3, image_precision: ImagePrecision = "float32"
+) -> dict[str, Any]:
     """``moderator policy explain`` for one image: its decision and :func:`explanations`."""
-    decision = policy.decisions(image_embed.reshape(1, -1))[0]
+    decision = policy.decisions(image_embed.reshape(1, -1), image_precision)[0]
     cats = explanations(policy, image_embed.reshape(1, -1), top)[0]
     return {
         "decision": decision.decision,
         "policy": decision.policy.model_dump(),
         "model": decision.model,
+        "image_precision": decision.image_precision,
         "logit_scale": policy.logit_scale,
         "categories": [c.model_dump() for c in cats],
     }

@@ -83,16 +83,16 @@ class Outputs:
                 image=ImageRef(url=e.parsed.url, inline_source=None if e.parsed.url else e.source,
                                sha256=e.image_sha256, bytes=e.image_bytes),
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
-                metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
+                image_precision=d.image_precision, metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
                 sampled=result.sample_rate is not None, sample_rate=result.sample_rate,
                 explanation=list(result.explanation),
             )  # fmt: skip
             out.append(OutRecord(self.review, item.model_dump_json().encode()))
         if result.embedding is not None:
             embedding = EmbeddingRecord(
-                event_id=e.parsed.id, model=d.model, dtype=self.embeddings_dtype, dim=len(result.embedding),
-                vector=encode_vector(result.embedding, self.embeddings_dtype), source=e.source, live=d,
-                decided_at=decided_at,
+                event_id=e.parsed.id, model=d.model, image_precision=d.image_precision, dtype=self.embeddings_dtype,
+                dim=len(result.embedding), vector=encode_vector(result.embedding, self.embeddings_dtype),
+                source=e.source, live=d, decided_at=decided_at,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
         for shadow in result.shadows:
