@@ -240,7 +240,8 @@ def _int8(engine: ClipEngine, out: Path, settings: Settings) -> dict[str, Any]:
     else:
         gate["agreement"] = f"not measured: no loadable policy directory at {settings.policy_dir}"
     if problems:
-        raise ExportError("the int8 image tower fails the precision gate: " + "; ".join(problems))
+        (out / "image_tower_int8.onnx").unlink()
+        raise ExportError("the int8 image tower fails the precision gate (not written): " + "; ".join(problems))
     return {"file": "image_tower_int8.onnx", "precision": "int8",
             "quantization": "NNCF static post-training quantization (QDQ), TRANSFORMER preset (SmoothQuant)",
             "calibration": str(settings.int8_calibration_dir or "generated photo-like images"),
