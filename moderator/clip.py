@@ -206,6 +206,7 @@ class ClipEngine:
         probe_images: int = 200,
         int8_calibration_images: int = 64,
         int8_calibration_dir: Path | None = None,
+        int8_smooth_quant_alpha: float = 0.6,
         fuse: bool = True,
     ) -> ClipEngine:
         """Load any Hugging Face CLIP checkpoint by hub id or local directory.
@@ -267,7 +268,7 @@ class ClipEngine:
             t1 = time.perf_counter()
             try:
                 candidate = engine._reduced_tower(
-                    plain, requested, image_size, int8_calibration_images, int8_calibration_dir
+                    plain, requested, image_size, int8_calibration_images, int8_calibration_dir, int8_smooth_quant_alpha
                 )
             except PrecisionUnavailable as exc:
                 raise ModelLoadError(str(exc)) from None
@@ -295,7 +296,13 @@ class ClipEngine:
         return engine
 
     def _reduced_tower(
-        self, plain: VisionTower, precision: str, image_size: int, calibration_count: int, calibration_dir: Path | None
+        self,
+        plain: VisionTower,
+        precision: str,
+        image_size: int,
+        calibration_count: int,
+        calibration_dir: Path | None,
+        smooth_quant_alpha: float,
     ) -> ImageTower:
         """The bf16 or int8 tower (CPU), built from a plain fp32 copy of the image tower."""
         if precision == "bfloat16":
@@ -304,7 +311,7 @@ class ClipEngine:
             from moderator.int8 import calibration_images, int8_tower
 
             pixels = self.pixel_values(calibration_images(self.spec, calibration_count, calibration_dir)).clone()
-            return int8_tower(plain, pixels, torch.get_num_threads())
+            return int8_tower(plain, pixels, torch.get_num_threads(), smooth_quant_alpha)
         raise PrecisionUnavailable(f"no reduced-precision CPU tower for {precision}")
 
     # --- precision --------------------------------------------------------------------------------
@@ -375,6 +382,7 @@ class ClipEngine:
             probe_images=settings.precision_probe_images,
             int8_calibration_images=settings.int8_calibration_images,
             int8_calibration_dir=settings.int8_calibration_dir,
+            int8_smooth_quant_alpha=settings.int8_smooth_quant_alpha,
         )
 
     def warm_up(self) -> None:

@@ -206,7 +206,7 @@ def _int8(engine: ClipEngine, out: Path, settings: Settings) -> dict[str, Any]:
         import onnx
     except ImportError:
         raise ExportError("--int8 needs NNCF: pip install 'moderator[int8]'") from None
-    from moderator.int8 import calibration_images, no_telemetry
+    from moderator.int8 import calibration_images, no_telemetry, quantization_options
 
     no_telemetry()
     calib = engine.pixel_values(
@@ -217,7 +217,8 @@ def _int8(engine: ClipEngine, out: Path, settings: Settings) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         quantized = nncf.quantize(onnx.load(str(out / "image_tower.onnx")),
                                   nncf.Dataset([{"pixel_values": calib[i : i + 1]} for i in range(len(calib))]),
-                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))  # fmt: skip
+                                  subset_size=len(calib),
+                                  **quantization_options(settings.int8_smooth_quant_alpha))  # fmt: skip
     onnx.save(quantized, str(out / "image_tower_int8.onnx"))
     session = _session(out / "image_tower_int8.onnx")
     probe_pixels = generated_images(engine.spec, settings.precision_probe_images, PROBE_SEED)
@@ -243,7 +244,8 @@ def _int8(engine: ClipEngine, out: Path, settings: Settings) -> dict[str, Any]:
         (out / "image_tower_int8.onnx").unlink()
         raise ExportError("the int8 image tower fails the precision gate (not written): " + "; ".join(problems))
     return {"file": "image_tower_int8.onnx", "precision": "int8",
-            "quantization": "NNCF static post-training quantization (QDQ), TRANSFORMER preset (SmoothQuant)",
+            "quantization": "NNCF static post-training quantization (QDQ), TRANSFORMER preset, SmoothQuant alpha "
+                            f"{settings.int8_smooth_quant_alpha}",
             "calibration": str(settings.int8_calibration_dir or "generated photo-like images"),
             "calibration_images": len(calib), "inputs": {"pixel_values": {"shape": ["batch", 3, *engine.spec.output_hw],
                                                                           "dtype": "float32"}},

@@ -80,10 +80,12 @@ def load_precisions(opts: BenchOptions, model_id: str, main: ClipEngine, app: Ap
             continue
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
+        s = app.settings
         engine = ClipEngine.load(
             model_id, device=str(main.device), dtype=precision, max_batch_size=opts.batch,
-            local_files_only=not Path(model_id).is_dir(), min_cosine=app.settings.precision_min_cosine,
-            probe_images=app.settings.precision_probe_images,
+            local_files_only=not Path(model_id).is_dir(), min_cosine=s.precision_min_cosine,
+            probe_images=s.precision_probe_images, int8_calibration_images=s.int8_calibration_images,
+            int8_calibration_dir=s.int8_calibration_dir, int8_smooth_quant_alpha=s.int8_smooth_quant_alpha,
         )  # fmt: skip
         runs[precision] = PrecisionRun(precision, engine, App(app.settings, engine=engine))
     for run in runs.values():

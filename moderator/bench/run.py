@@ -98,10 +98,13 @@ def run_bench(
     tmp = Path(tempfile.mkdtemp(prefix="moderator-bench-"))
     progress("model")
     model_id, model_path = resolve_model(opts)
-    gate = load_settings()  # the precision gate's floors and probe size (MODERATOR_PRECISION_*)
+    gate = load_settings()  # the precision gate's floors and probe size, the int8 calibration (MODERATOR_*)
     engine = ClipEngine.load(model_id, device=opts.device, dtype=opts.dtype, max_batch_size=opts.batch,
                              local_files_only=not Path(model_id).is_dir(), min_cosine=gate.precision_min_cosine,
-                             probe_images=gate.precision_probe_images)  # fmt: skip
+                             probe_images=gate.precision_probe_images,
+                             int8_calibration_images=gate.int8_calibration_images,
+                             int8_calibration_dir=gate.int8_calibration_dir,
+                             int8_smooth_quant_alpha=gate.int8_smooth_quant_alpha)  # fmt: skip
     random_init = is_random_init(model_path) is not None
     if random_init:
         notes.append(f"random weights of the {opts.arch} architecture (no real checkpoint in the local cache):"
