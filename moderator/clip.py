@@ -266,16 +266,22 @@ class ClipEngine:
         built: dict[str, Any] = {}
         if plain is not None:
             t1 = time.perf_counter()
+            candidate: ImageTower | None = None
             try:
                 candidate = engine._reduced_tower(
                     plain, requested, image_size, int8_calibration_images, int8_calibration_dir, int8_smooth_quant_alpha
                 )
-            except PrecisionUnavailable as exc:
+            except PrecisionUnavailable as exc:  # asked for what cannot run here: a configuration error
                 raise ModelLoadError(str(exc)) from None
+            except Exception as exc:  # the build itself failed (a checkpoint the converter cannot trace...)
+                engine.requested_precision = requested
+                engine._fell_back(f"the {requested} image tower could not be built: {type(exc).__name__}: {exc}",
+                                  "error")  # fmt: skip
             del plain
             built["build_s"] = round(time.perf_counter() - t1, 2)
-            built.update(getattr(candidate, "seconds", {}))
-            engine.add_candidate(candidate, min_cosine=min_cosine, probe_images=probe_images)
+            if candidate is not None:
+                built.update(getattr(candidate, "seconds", {}))
+                engine.add_candidate(candidate, min_cosine=min_cosine, probe_images=probe_images)
         if warm_up:
             engine.warm_up()
         engine._publish_precision()

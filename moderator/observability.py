@@ -146,7 +146,7 @@ PRECISION_AGREEMENT = Gauge(
 )
 PRECISION_FALLBACKS = Counter(
     "moderator_precision_fallbacks_total",
-    "Times the image tower fell back to fp32 (reason: cosine, agreement)",
+    "Times the image tower fell back to fp32 (reason: cosine, agreement, error: the tower could not be built)",
     ["reason"],
     registry=REGISTRY,
 )

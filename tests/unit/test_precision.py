@@ -111,6 +111,17 @@ def test_a_probe_below_the_cosine_floor_serves_fp32(tiny_clip_dir, tiny_engine):
     assert torch.allclose(engine.encode_images(images), tiny_engine.encode_images(images), atol=1e-6)
 
 
+def test_int8_calibrates_on_a_directory_of_your_images(tiny_clip_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ModelLoadError, match=r"MODERATOR_INT8_CALIBRATION_DIR=.*no readable image"):
+        _int8_engine(tiny_clip_dir, int8_calibration_dir=tmp_path)
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(photo_like(60, 45, seed=100 + i)))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")  # skipped, with a warning
+    engine = _int8_engine(tiny_clip_dir, int8_calibration_dir=tmp_path, int8_calibration_images=10)
+    assert engine.precision == "int8" and engine.probe is not None and engine.probe.min_cosine >= 0.99
+
+
 # --------------------------------------------------------------------------------------------------
 # The decision gate
 
