@@ -23,6 +23,7 @@ from moderator.clip import ClipEngine
 from moderator.config import Settings
 from moderator.embedding_cache import TextEmbeddingCache, TextEncoder
 from moderator.fetch import Fetcher, FetchPolicy, parse_networks
+from moderator.gate import PrecisionGate
 from moderator.observability import HealthServer, get_logger
 from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySpec, compile_policy, load_spec
 from moderator.policy.directory import DirectorySource
@@ -42,8 +43,15 @@ class App:
     # --- the model and policies -------------------------------------------------------------------
     @cached_property
     def engine(self) -> ClipEngine:
-        """The checkpoint of the settings; start-up errors fail fast, saying what to do."""
+        """The checkpoint of the settings; start-up errors fail fast, saying what to do. With a reduced
+        image precision, its probe embeddings are checked as it loads (``precision.py``), its decisions
+        under each policy by :attr:`gate` as the policies load."""
         return ClipEngine.from_settings(self.settings)
+
+    @cached_property
+    def gate(self) -> PrecisionGate:
+        """Decision agreement of the reduced-precision tower under the policies (``gate.py``)."""
+        return PrecisionGate(self.engine, self.settings.precision_min_agreement)
 
     @cached_property
     def text_cache(self) -> TextEmbeddingCache:
@@ -63,8 +71,10 @@ class App:
         return compile_policy(spec, self.encoder, source)
 
     def load_policy(self, path: str | Path) -> CompiledPolicy:
-        """One policy file, validated and compiled (``classify --policy``, ``policy explain``)."""
-        return self.compile(load_spec(Path(path)), str(path))
+        """One policy file, validated, compiled and gated (``classify --policy``, ``policy explain``)."""
+        policy = self.compile(load_spec(Path(path)), str(path))
+        self.gate.check([policy])
+        return policy
 
     @cached_property
     def policies(self) -> PolicyRegistry:
@@ -74,7 +84,9 @@ class App:
             KafkaSource(s, s.policy_allow_empty) if s.policy_source == "kafka"
             else DirectorySource(s.policy_dir, s.policy_strict)
         )  # fmt: skip
-        registry = PolicyRegistry(source, self.compile, s.default_policy, interval_s=0.25)
+        # Every set is gated before it serves, the first one and each reload (``gate.py``).
+        registry = PolicyRegistry(source, self.compile, s.default_policy, interval_s=0.25,
+                                  before_swap=self.gate.check_set)  # fmt: skip
         registry.load_initial()
         return registry
 

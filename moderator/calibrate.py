@@ -91,7 +91,7 @@ def judgements(app: App, policy: CompiledPolicy) -> Judgements:
     name, version = policy.spec.name, policy.version
     verdicts = [v for v in read_verdicts(app).values()
                 if v.verdict in FINAL_VERDICTS and v.judged.policy.name == name]  # fmt: skip
-    logged = read_log(app, policy.model)
+    logged = read_log(app, policy.model, image_precision=None)  # any precision: re-scored under this one
     row = {eid: i for i, eid in enumerate(logged.ids)}
     keep: list[Verdict] = []
     scores: list[np.ndarray] = []

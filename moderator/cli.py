@@ -78,9 +78,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
             row_of = {i: n for n, i in enumerate(pixels)}
             decisions, probs = [], []
             if pixels:
-                embs = engine.encode_images(np.stack(list(pixels.values())))
+                tower = engine.tower
+                embs = engine.encode_images(np.stack(list(pixels.values())), tower)
                 if policy is not None:
-                    decisions = policy.decisions(embs)
+                    decisions = policy.decisions(embs, image_precision=tower.precision)
                 if text is not None:
                     probs = zero_shot_probs(embs, text, engine.logit_scale).cpu().tolist()
             for i, p in enumerate(chunk):
@@ -94,7 +95,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     out = {"image": p, **decisions[row_of[i]].model_dump(mode="json")}
                 else:
                     out = {"image": p, "scores": dict(zip(args.label, probs[row_of[i]], strict=True)),
-                           "model": engine.fingerprint}  # fmt: skip
+                           "model": engine.fingerprint, "image_precision": engine.precision}  # fmt: skip
                 failed += "error" in out
                 print(json.dumps(out), flush=True)
     finally:
@@ -111,8 +112,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"moderator: {exc}", file=sys.stderr)
         return 2
+    from moderator.app import App
+    from moderator.clip import resolve_device
+    from moderator.precision import PrecisionUnavailable, resolve_precision
+
     baseline = Path(args.baseline) if args.baseline else None
-    report = run_replay(_app(args), Path(args.policy), baseline, limit=args.max, tolerance=args.tolerance)
+    settings = _settings(args)
+    precision = args.image_precision
+    if precision is None:  # the embeddings the worker of these settings logs
+        try:
+            precision = resolve_precision(settings.dtype, resolve_device(settings.device))
+        except PrecisionUnavailable:
+            precision = settings.dtype
+    # Replay decides stored embeddings: it needs the text tower only, never a reduced image tower.
+    app = App(settings.model_copy(update={"dtype": "float32"}))
+    report = run_replay(app, Path(args.policy), baseline, limit=args.max, tolerance=args.tolerance,
+                        image_precision=precision)  # fmt: skip
     missing = [c.text for c in conditions if c.metric not in report["metrics"]]
     if missing:
         print(
@@ -372,6 +387,7 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from moderator.banks.cli import register_cli as register_bank
     from moderator.bench.cli import register_cli as register_bench
+    from moderator.onnx_export import register_cli as register_export
     from moderator.policy.cli import register_cli as register_policy
     from moderator.stack.cli import register_cli as register_stack
 
@@ -397,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="compare with this policy file or directory (default: the live decisions)")
     p.add_argument("--max", type=int, help="read at most N records of the embeddings log")
     p.add_argument("--tolerance", type=float, help="score error of the stored embeddings (default: from their dtype)")
+    p.add_argument("--image-precision", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="replay embeddings of this image precision (default: what MODERATOR_DTYPE serves)")  # fmt: skip
     p.add_argument(
         "--fail-if",
         action="append",
@@ -484,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_random_checkpoint)
 
     register_bench(sub)
+    register_export(sub)
     register_stack(sub)
     return parser
 

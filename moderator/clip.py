@@ -6,9 +6,10 @@ One small wrapper around ``transformers.CLIPModel`` (open_clip's shape: ``encode
 - images arrive as a ``uint8 [B, H, W, 3]`` batch already resized and cropped (``images.py``); they
   move to the device as uint8 (pinned memory, non-blocking on CUDA) and are rescaled and
   normalized there with the checkpoint's mean and std;
-- the image tower runs in the configured dtype (fp16/bf16 on CUDA, fp32 on CPU); the text tower
-  always runs in fp32: it only runs when a policy is compiled, and fp32 text embeddings make the
-  shared cache independent of the image tower's precision;
+- the image tower runs in the configured precision (``precision.py``: fp16/bf16 on CUDA; fp32, bf16
+  or int8 on the CPU, where a reduced precision serves only after its probe embeddings agree with the
+  fp32 tower's); the text tower always runs in fp32: it only runs when a policy is compiled, and fp32
+  text embeddings make the shared cache independent of the image tower's precision;
 - every result is tagged with the model fingerprint: checkpoint id plus the resolved commit, or a
   hash of the weights for a local directory.
 """
@@ -28,9 +29,32 @@ import torch
 from transformers import AutoProcessor, CLIPModel
 
 from moderator.config import Settings
+from moderator.events import ImagePrecision
 from moderator.images import PreprocessSpec
-from moderator.observability import IMAGES_ENCODED, STAGE_SECONDS, TEXTS_ENCODED, get_logger
+from moderator.observability import (
+    IMAGE_PRECISION,
+    IMAGES_ENCODED,
+    PRECISION_FALLBACKS,
+    PRECISION_PROBE_COSINE,
+    STAGE_SECONDS,
+    TEXTS_ENCODED,
+    get_logger,
+)
 from moderator.onednn import fuse_cpu_image_tower
+from moderator.precision import (
+    PRECISIONS,
+    PROBE_SEED,
+    TORCH_DTYPES,
+    ImageTower,
+    PrecisionUnavailable,
+    Probe,
+    TorchTower,
+    VisionTower,
+    bf16_cpu_tower,
+    generated_images,
+    plain_copy,
+    resolve_precision,
+)
 from moderator.random_init import is_random_init
 
 log = get_logger(__name__)
@@ -82,12 +106,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available; set MODERATOR_DEVICE=cpu")
     return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def _hash_weights(model_dir: Path) -> str:
@@ -143,7 +161,7 @@ class ClipEngine:
         model_id: str,
         fingerprint: str,
         device: torch.device,
-        dtype: torch.dtype,
+        tower: ImageTower,
         max_batch_size: int = 64,
     ) -> None:
         self.model = model
@@ -153,12 +171,18 @@ class ClipEngine:
         self.model_id = model_id
         self.fingerprint = fingerprint
         self.device = device
-        self.dtype = dtype
+        # The image towers built, by precision: the base one (fp32 on the CPU) and, when a reduced
+        # precision was asked for, that one. ``tower`` is the one serving: read it once per batch.
+        self.base = tower
+        self.towers: dict[str, ImageTower] = {tower.precision: tower}
+        self.tower: ImageTower = tower
+        self.requested_precision: ImagePrecision = tower.precision
+        self.probe: Probe | None = None  # the probe set embedded by both towers (reduced precisions)
+        self.fallback_reason: str | None = None  # why the requested precision is not serving
         self.max_batch_size = max_batch_size
         self.embed_dim = config_int(model.config, "projection_dim")
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.max_text_tokens = config_int(model.config.text_config, "max_position_embeddings")
-        self.image_tower = "plain"  # or "onednn-fused" (CPU): how the image tower's products run
         # Rescale and normalize folded into one affine map: x * scale + shift, per channel.
         std = torch.tensor(self.spec.std, dtype=torch.float32)
         mean = torch.tensor(self.spec.mean, dtype=torch.float32)
@@ -178,10 +202,29 @@ class ClipEngine:
         cache_dir: Path | None = None,
         max_batch_size: int = 64,
         warm_up: bool = True,
+        min_cosine: float = 0.99,
+        probe_images: int = 200,
+        int8_calibration_images: int = 64,
+        int8_calibration_dir: Path | None = None,
+        int8_smooth_quant_alpha: float = 0.6,
+        fuse: bool = True,
     ) -> ClipEngine:
-        """Load any Hugging Face CLIP checkpoint by hub id or local directory."""
+        """Load any Hugging Face CLIP checkpoint by hub id or local directory.
+
+        ``dtype`` is the image tower's precision (``precision.py``). On the CPU, ``bfloat16`` and
+        ``int8`` build that tower beside the fp32 one and embed ``probe_images`` generated images with
+        both: the reduced tower serves when every probe embedding's cosine with its fp32 one is at
+        least ``min_cosine``; else the fp32 tower serves, and ``model_loaded`` says why. ``fuse=False``
+        keeps the plain ``transformers`` layers (``moderator export onnx`` traces them).
+        """
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        try:
+            requested = resolve_precision(dtype, dev)
+        except PrecisionUnavailable as exc:
+            raise ModelLoadError(str(exc)) from None
+        # On the CPU the fp32 tower is the base (and the fallback); on CUDA the asked dtype is.
+        base_precision: ImagePrecision = requested if dev.type != "cpu" else "float32"
+        base_dtype = TORCH_DTYPES[base_precision]
         local_dir = Path(model_id).expanduser()
         is_local = local_dir.is_dir()
         t0 = time.perf_counter()
@@ -209,34 +252,127 @@ class ClipEngine:
             fingerprint = f"{model_id}@{commit}"
 
         model.eval().requires_grad_(False).to(dev)
-        model.vision_model.to(dt)
-        model.visual_projection.to(dt)
+        image_size = config_int(model.config.vision_config, "image_size")
+        plain = plain_copy(model) if requested != base_precision else None  # before fusing: its plain layers
+        model.vision_model.to(base_dtype)
+        model.visual_projection.to(base_dtype)
         fused = False
-        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16):
-            fused = fuse_cpu_image_tower(model, dt, config_int(model.config.vision_config, "image_size"))
-        engine = cls(
-            model,
-            processor,
-            model_id=model_id,
-            fingerprint=fingerprint,
-            device=dev,
-            dtype=dt,
-            max_batch_size=max_batch_size,
-        )
-        engine.image_tower = "onednn-fused" if fused else "plain"
+        if fuse and dev.type == "cpu" and base_dtype in (torch.float32, torch.bfloat16):
+            fused = fuse_cpu_image_tower(model, base_dtype, image_size)
+        base = TorchTower(VisionTower(model.vision_model, model.visual_projection), base_dtype, base_precision,
+                          "onednn-fused" if fused else "plain")  # fmt: skip
+        engine = cls(model, processor, model_id=model_id, fingerprint=fingerprint, device=dev, tower=base,
+                     max_batch_size=max_batch_size)  # fmt: skip
+        built: dict[str, Any] = {}
+        if plain is not None:
+            t1 = time.perf_counter()
+            candidate: ImageTower | None = None
+            try:
+                candidate = engine._reduced_tower(
+                    plain, requested, image_size, int8_calibration_images, int8_calibration_dir, int8_smooth_quant_alpha
+                )
+            except PrecisionUnavailable as exc:  # asked for what cannot run here: a configuration error
+                raise ModelLoadError(str(exc)) from None
+            except Exception as exc:  # the build itself failed (a checkpoint the converter cannot trace...)
+                engine.requested_precision = requested
+                engine._fell_back(f"the {requested} image tower could not be built: {type(exc).__name__}: {exc}",
+                                  "error")  # fmt: skip
+            del plain
+            built["build_s"] = round(time.perf_counter() - t1, 2)
+            if candidate is not None:
+                built.update(getattr(candidate, "seconds", {}))
+                engine.add_candidate(candidate, min_cosine=min_cosine, probe_images=probe_images)
         if warm_up:
             engine.warm_up()
+        engine._publish_precision()
         log.info(
             "model_loaded",
             model=fingerprint,
             device=str(dev),
-            dtype=str(dt).removeprefix("torch."),
+            image_precision=engine.precision,
+            requested_precision=requested,
             image_tower=engine.image_tower,
+            **({} if engine.probe is None else {**engine.probe.figures(), "min_cosine_floor": min_cosine}),
+            **({"fallback": engine.fallback_reason} if engine.fallback_reason else {}),
+            **({"reduced_tower_seconds": built} if built else {}),
             seconds=round(time.perf_counter() - t0, 2),
             embed_dim=engine.embed_dim,
             input_size=list(engine.spec.output_hw),
         )
         return engine
+
+    def _reduced_tower(
+        self,
+        plain: VisionTower,
+        precision: str,
+        image_size: int,
+        calibration_count: int,
+        calibration_dir: Path | None,
+        smooth_quant_alpha: float,
+    ) -> ImageTower:
+        """The bf16 or int8 tower (CPU), built from a plain fp32 copy of the image tower."""
+        if precision == "bfloat16":
+            return bf16_cpu_tower(plain, image_size)
+        if precision == "int8":
+            from moderator.int8 import calibration_images, int8_tower
+
+            pixels = self.pixel_values(calibration_images(self.spec, calibration_count, calibration_dir)).clone()
+            return int8_tower(plain, pixels, torch.get_num_threads(), smooth_quant_alpha)
+        raise PrecisionUnavailable(f"no reduced-precision CPU tower for {precision}")
+
+    # --- precision --------------------------------------------------------------------------------
+    @property
+    def precision(self) -> ImagePrecision:
+        """The precision of the image tower serving now."""
+        return self.tower.precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base tower's torch dtype (fp32 on the CPU): what the reference pipeline runs in."""
+        return TORCH_DTYPES[self.base.precision]
+
+    @property
+    def image_tower(self) -> str:
+        """How the serving image tower runs: ``onednn-fused``, ``plain`` or ``openvino-int8``."""
+        return self.tower.kind
+
+    def add_candidate(self, tower: ImageTower, *, min_cosine: float, probe_images: int) -> None:
+        """Embed the probe set with the base tower and ``tower``; ``tower`` serves from now on when
+        every probe cosine is at least ``min_cosine``, else the base tower keeps serving (and
+        :attr:`fallback_reason` says why)."""
+        self.requested_precision = tower.precision
+        self.towers[tower.precision] = tower
+        pixels = generated_images(self.spec, probe_images, PROBE_SEED)
+        self.probe = Probe(tower.precision, self._embed(pixels, self.base), self._embed(pixels, tower))
+        PRECISION_PROBE_COSINE.labels(precision=tower.precision, stat="min").set(self.probe.min_cosine)
+        PRECISION_PROBE_COSINE.labels(precision=tower.precision, stat="mean").set(self.probe.mean_cosine)
+        if self.probe.min_cosine >= min_cosine:
+            self.tower = tower
+            self.fallback_reason = None
+        else:
+            self._fell_back(
+                f"{tower.precision} probe embeddings: min cosine {self.probe.min_cosine:.5f} with float32 is below"
+                f" the floor {min_cosine} (MODERATOR_PRECISION_MIN_COSINE)",
+                "cosine",
+            )
+
+    def fall_back(self, reason: str, kind: str = "agreement") -> None:
+        """Serve the base (fp32) tower from now on, and say why (a log line, the metrics)."""
+        if self.tower is self.base:
+            return
+        self.tower = self.base
+        self._fell_back(reason, kind)
+        self._publish_precision()
+        log.warning("precision_fallback", requested_precision=self.requested_precision,
+                    image_precision=self.precision, reason=reason)  # fmt: skip
+
+    def _fell_back(self, reason: str, kind: str) -> None:
+        self.fallback_reason = reason
+        PRECISION_FALLBACKS.labels(reason=kind).inc()
+
+    def _publish_precision(self) -> None:
+        for precision in PRECISIONS:
+            IMAGE_PRECISION.labels(precision=precision).set(1 if precision == self.precision else 0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipEngine:
@@ -248,6 +384,11 @@ class ClipEngine:
             local_files_only=settings.model_local_files_only,
             cache_dir=settings.model_cache_dir,
             max_batch_size=settings.max_batch_size,
+            min_cosine=settings.precision_min_cosine,
+            probe_images=settings.precision_probe_images,
+            int8_calibration_images=settings.int8_calibration_images,
+            int8_calibration_dir=settings.int8_calibration_dir,
+            int8_smooth_quant_alpha=settings.int8_smooth_quant_alpha,
         )
 
     def warm_up(self) -> None:
@@ -271,23 +412,25 @@ class ClipEngine:
         return x * self._scale + self._shift
 
     @torch.inference_mode()
-    def encode_images(self, batch: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    def encode_images(self, batch: np.ndarray | Sequence[np.ndarray], tower: ImageTower | None = None) -> torch.Tensor:
         """Preprocessed uint8 images to L2-normalized float32 embeddings ``[B, D]`` on the device.
 
-        Per chunk of ``max_batch_size``, the seconds of ``transfer`` (to the device, rescaled and
-        normalized) and ``forward`` (the image tower) go to ``moderator_stage_seconds``; on CUDA the
-        device is synchronized at each boundary so that the split is real (the caller reads the
-        embeddings right after, so the last synchronization costs nothing).
+        ``tower``: one of :attr:`towers` (default: the one serving now; a caller that records the
+        precision reads :attr:`tower` once and passes it). Per chunk of ``max_batch_size``, the seconds
+        of ``transfer`` (to the device, rescaled and normalized) and ``forward`` (the image tower) go to
+        ``moderator_stage_seconds``; on CUDA the device is synchronized at each boundary so that the
+        split is real (the caller reads the embeddings right after, so the last synchronization costs
+        nothing).
         """
+        run = self.tower if tower is None else tower
         arr = batch if isinstance(batch, np.ndarray) else np.stack(list(batch))
         out = []
         for i in range(0, len(arr), self.max_batch_size):
             t0 = time.perf_counter()
-            pixels = self.pixel_values(arr[i : i + self.max_batch_size]).to(self.dtype)
+            pixels = self.pixel_values(arr[i : i + self.max_batch_size])
             synchronize(self.device)
             t1 = time.perf_counter()
-            feats = self.model.get_image_features(pixel_values=pixels).pooler_output
-            out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+            out.append(torch.nn.functional.normalize(run(pixels), dim=-1))
             synchronize(self.device)
             STAGE_SECONDS.labels(stage="transfer").observe(t1 - t0)
             STAGE_SECONDS.labels(stage="forward").observe(time.perf_counter() - t1)
@@ -295,6 +438,13 @@ class ClipEngine:
         if not out:
             return torch.empty((0, self.embed_dim), device=self.device)
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    @torch.inference_mode()
+    def _embed(self, arr: np.ndarray, tower: ImageTower) -> torch.Tensor:
+        """:meth:`encode_images` without the metrics (the probe set, at load time)."""
+        out = [torch.nn.functional.normalize(tower(self.pixel_values(arr[i : i + self.max_batch_size])), dim=-1)
+               for i in range(0, len(arr), self.max_batch_size)]  # fmt: skip
+        return torch.cat(out) if out else torch.empty((0, self.embed_dim), device=self.device)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

@@ -104,7 +104,25 @@ class Settings(BaseSettings):
     model_local_files_only: bool = False  # offline: never reach the hub
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    # The image tower's precision (the text tower is always fp32). auto: fp16 on CUDA, fp32 on the CPU.
+    # CPU: bfloat16 (only where the CPU has native bf16), int8 (OpenVINO + NNCF: the `int8` extra); either
+    # serves only after the agreement gate below passed, else fp32 serves and the log says why.
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
+    # The agreement gate: the probe set (generated photo-like images) embedded by fp32 and by the reduced
+    # precision. Every probe embedding's cosine must reach precision_min_cosine, and under every loaded
+    # policy (at start-up and at each reload) the share of probe images with the same decision must reach
+    # precision_min_agreement (with 200 probes, 0.995 allows one changed decision).
+    precision_min_cosine: float = Field(0.99, ge=0.0, le=1.0)
+    precision_min_agreement: float = Field(0.995, ge=0.0, le=1.0)
+    precision_probe_images: int = Field(200, ge=1, le=100_000)
+    # int8: NNCF calibrates activation ranges on these: the first images of this directory (use your own
+    # traffic: ranges calibrated on unlike images clip), else generated photo-like images.
+    int8_calibration_dir: Path | None = None
+    int8_calibration_images: int = Field(64, ge=1, le=100_000)
+    # SmoothQuant's migration strength for the matrix products (NNCF; -1 turns it off). NNCF's transformer
+    # default, 0.95, cost trained CLIP ~10 points of zero-shot accuracy in OpenVINO's own CLIP notebook,
+    # where 0.6 was chosen instead (openvino_notebooks PR 1628).
+    int8_smooth_quant_alpha: float = Field(0.6, ge=-1.0, le=1.0)
     text_cache_size: int = Field(65_536, ge=0)  # in-process LRU entries in front of Redis
 
     # --- Images ---------------------------------------------------------------------------------

@@ -66,8 +66,7 @@ def load_demo_engine(settings: Settings) -> ClipEngine:
             "For real decisions: download the weights and set MODERATOR_MODEL_ID.",
         ])  # fmt: skip
         target = cached_random_checkpoint(default_cache_dir(), arch)
-        return ClipEngine.load(str(target), device=settings.device, dtype=settings.dtype,
-                               max_batch_size=settings.max_batch_size)  # fmt: skip
+        return ClipEngine.from_settings(settings.model_copy(update={"model_id": str(target)}))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moderator.errors import ReasonError
 
 Outcome = Literal["flag", "review", "allow"]
+# The image tower's precision (MODERATOR_DTYPE as it resolved on the device, after the agreement gate).
+ImagePrecision = Literal["float32", "bfloat16", "float16", "int8"]
+IMAGE_PRECISION_DOC = (
+    "the image tower's precision (float32, bfloat16, float16 or int8): the embedding, hence the scores, depend"
+    " on it; records written before this field existed read as float32"
+)
 
 
 class _Record(BaseModel):
@@ -72,6 +78,7 @@ class Decision(_Record):
     triggered: list[Trigger] = Field(description="the rules that fired, strongest first")
     policy: PolicyRef
     model: str = Field(description="model fingerprint: checkpoint id and revision, or a hash of the weights")
+    image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
 
 
 # ==================================================================================================
@@ -264,6 +271,7 @@ class ReviewItem(_Record):
     reasons: list[Trigger]
     policy: PolicyRef
     model: str
+    image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: Source
     decided_at: str
@@ -305,11 +313,12 @@ class EmbeddingRecord(_Record):
 
     ``vector`` is the image's L2-normalized embedding as ``dim`` little-endian values of ``dtype``,
     base64 (standard alphabet): ``np.frombuffer(base64.b64decode(vector), "<f2")`` for float16. A
-    replay compares decisions only between records of one ``model`` fingerprint.
+    replay compares decisions only between records of one ``model`` fingerprint and ``image_precision``.
     """
 
     event_id: str
     model: str = Field(description="fingerprint of the model that computed the embedding")
+    image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
     dtype: EmbeddingDtype
     dim: int = Field(ge=1)
     vector: str = Field(description="dim little-endian values of dtype, base64")

@@ -127,6 +127,29 @@ IMAGE_ERRORS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+# The image tower's precision (clip.py, precision.py, gate.py)
+IMAGE_PRECISION = Gauge(
+    "moderator_image_precision", "1 for the image tower precision serving now, 0 for the others", ["precision"],
+    registry=REGISTRY,
+)  # fmt: skip
+PRECISION_PROBE_COSINE = Gauge(
+    "moderator_precision_gate_cosine",
+    "Cosine of the reduced-precision tower's probe embeddings with the fp32 tower's (stat: min, mean)",
+    ["precision", "stat"],
+    registry=REGISTRY,
+)
+PRECISION_AGREEMENT = Gauge(
+    "moderator_precision_gate_agreement",
+    "Share of probe images whose decision under a policy is the same at the reduced precision as in fp32",
+    ["precision", "policy"],
+    registry=REGISTRY,
+)
+PRECISION_FALLBACKS = Counter(
+    "moderator_precision_fallbacks_total",
+    "Times the image tower fell back to fp32 (reason: cosine, agreement, error: the tower could not be built)",
+    ["reason"],
+    registry=REGISTRY,
+)
 STAGE_SECONDS = Histogram(
     "moderator_stage_seconds",
     "Seconds per unit of work in each stage: per image (fetch, decode, preprocess), per batch (transfer:"

@@ -5,7 +5,8 @@ policy is a small text matrix, so re-deciding a stored embedding under any other
 product: no image, no image tower. :func:`run_replay`:
 
 1. reads the log to its current end (:func:`read_log`): the latest record per event id, records of
-   another model fingerprint skipped and counted, never mixed;
+   another model fingerprint or image precision (``image_precision``: an int8 tower's embeddings are
+   not an fp32 tower's) skipped and counted, never mixed;
 2. for each live policy the candidate set names, scores its events' embeddings (all at once) and
    decides; the baseline is the live decision stored with each embedding, or another policy file
    scored on the same embeddings (``--baseline``);
@@ -55,6 +56,7 @@ class LoggedEvents:
     values: list[bytes]  # the records as read (``moderator bank scan`` re-reads the ones it reports)
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
+    skipped_other_precision: int
     seconds: dict[str, float]  # read (from Kafka), parse (JSON), decode (vectors)
 
     @property
@@ -62,8 +64,9 @@ class LoggedEvents:
         return [d["policy"]["name"] for d in self.live]
 
 
-def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
-    """The latest embedding record of every event in the log (at most ``limit`` records read)."""
+def read_log(app: App, model: str, limit: int | None = None, image_precision: str | None = "float32") -> LoggedEvents:
+    """The latest embedding record of every event in the log of ``model`` at ``image_precision`` (None:
+    any; at most ``limit`` records read; records written before the field existed count as float32)."""
     t0 = time.perf_counter()
     latest: dict[bytes, bytes] = {}
 
@@ -85,11 +88,14 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
     live: list[dict[str, Any]] = []
     pdq: list[str | None] = []
     values: list[bytes] = []
-    skipped = 0
+    skipped = skipped_precision = 0
     for value in latest.values():
         r = json.loads(value)
         if r["model"] != model:
             skipped += 1
+            continue
+        if image_precision is not None and r.get("image_precision", "float32") != image_precision:
+            skipped_precision += 1
             continue
         key = (r["dtype"], r["dim"])
         vectors.setdefault(key, []).append(r["vector"])
@@ -112,7 +118,8 @@ def read_log(app: App, model: str, limit: int | None = None) -> LoggedEvents:
             out[rows[key]] = decode_vectors(texts, key[0], dim)
     dtype = "float16" if any(k[0] == "float16" for k in vectors) else "float32"
     seconds = {"read": t1 - t0, "parse": t2 - t1, "decode": time.perf_counter() - t2}
-    return LoggedEvents(ids, out, live, dtype, pdq, values, read, skipped, {k: round(v, 3) for k, v in seconds.items()})
+    return LoggedEvents(ids, out, live, dtype, pdq, values, read, skipped, skipped_precision,
+                        {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
 
 
 def read_verdicts(app: App) -> dict[str, Verdict]:
@@ -187,12 +194,14 @@ def run_replay(
     *,
     limit: int | None = None,
     tolerance: float | None = None,
+    image_precision: str = "float32",
 ) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring; the report ``moderator replay`` prints."""
+    """Steps 1-3 of the module docstring; the report ``moderator replay`` prints. Only the records of
+    the engine's model at ``image_precision`` are replayed (the engine's text tower is all it uses)."""
     engine = app.engine
     candidate, pinned = load_policies(app, candidate_path)
     baseline = load_policies(app, baseline_path)[0] if baseline_path is not None else None
-    logged = read_log(app, engine.fingerprint, limit)
+    logged = read_log(app, engine.fingerprint, limit, image_precision)
     tol = tolerance if tolerance is not None else storage_tolerance(engine.logit_scale, engine.embed_dim, logged.dtype)
     names = np.array(logged.policies, dtype=object)
     verdicts = read_verdicts(app)
@@ -249,10 +258,12 @@ def run_replay(
     return {
         **total.to_dict(),
         "skipped_other_model": logged.skipped_other_model + skipped_pinned,
+        "skipped_other_precision": logged.skipped_other_precision,
         "skipped_other_policy": skipped_other_policy,
         "skipped_bank_match": int(by_bank.sum()),
         "records_read": logged.read,
         "model": engine.fingerprint,
+        "image_precision": image_precision,
         "stored_dtype": logged.dtype,
         "baseline": str(baseline_path) if baseline_path else "live decisions stored in the log",
         "candidate": {n: p.version for n, p in candidate.items()},
@@ -316,9 +327,10 @@ def render_shadow(report: dict[str, Any]) -> str:
 def render(report: dict[str, Any], failed: Iterable[str] = ()) -> str:
     names = ("allow", "review", "flag")
     lines = [
-        f"replayed {report['replayed']} events ({report['records_read']} records read; skipped: "
-        f"{report['skipped_other_model']} of another model, {report['skipped_other_policy']} of a policy "
-        f"not in the candidate, {report.get('skipped_bank_match', 0)} decided by a bank match); "
+        f"replayed {report['replayed']} events of {report['image_precision']} embeddings ({report['records_read']}"
+        f" records read; skipped: {report['skipped_other_model']} of another model, "
+        f"{report['skipped_other_precision']} of another image precision, {report['skipped_other_policy']} of a"
+        f" policy not in the candidate, {report.get('skipped_bank_match', 0)} decided by a bank match); "
         f"storage tolerance {report['tolerance']:.2g} ({report['stored_dtype']} log)",
         f"baseline: {report['baseline']}; candidate: " + ", ".join(f"{n} {v}" for n, v in report["candidate"].items()),
         "",

@@ -207,7 +207,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"moderator bank scan: bank {args.name!r} has no entries" + (" added since then" if args.added_since
               else ""), file=sys.stderr)  # fmt: skip
         return 1
-    logged = read_log(app, app.engine.fingerprint)
+    logged = read_log(app, app.engine.fingerprint, image_precision=None)
     found = scan(logged, entries, app.engine.fingerprint, pdq_distance=args.pdq_distance, cosine=args.cosine)
     new = [f for f in found if not f.already_matched]
     published = 0

@@ -40,7 +40,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(render_table(report))
     print(f"\n({report['wall_s']} s; JSON: {path})")
     return 0
-    return 0
 
 
 def register_cli(sub: Any) -> None:
@@ -54,7 +53,16 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--arch", default="ViT-B/32", help="ViT-B/32 | ViT-B/16 | ViT-L/14 | tiny (default ViT-B/32)")
     p.add_argument("--model", help="a checkpoint (a hub id in the local cache, or a directory) instead of --arch's")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        help="the image tower precision of the main contenders (auto: float32 on CPU, float16 on CUDA)",
+    )
+    p.add_argument("--precisions", default="auto",
+                   help="the ceiling and the worker per image-tower precision, with their agreement figures, e.g."
+                        " float32,bfloat16,int8 (auto: on the CPU float32, bfloat16 where native, int8 where"
+                        " OpenVINO is installed; on CUDA the --dtype alone)")  # fmt: skip
     p.add_argument(
         "--images",
         type=int,

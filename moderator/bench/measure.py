@@ -79,17 +79,19 @@ class Result:
 
 
 def run_ceiling(engine: ClipEngine, pixels: np.ndarray, batches: int) -> Result:
-    """The bare image tower on a pre-made, normalized device tensor of one batch, ``batches`` times."""
+    """The bare image tower serving now on a pre-made, normalized device tensor of one batch, ``batches``
+    times (the normalized fp32 pixels go in: each tower casts them to its own precision itself)."""
+    tower = engine.tower
     with torch.inference_mode():
-        x = engine.pixel_values(pixels).to(engine.dtype)
-        engine.model.get_image_features(pixel_values=x)  # warm-up at this shape
+        x = engine.pixel_values(pixels)
+        tower(x)  # warm-up at this shape
         synchronize(engine.device)
         t0 = time.perf_counter()
         for _ in range(batches):
-            engine.model.get_image_features(pixel_values=x)
+            tower(x)
         synchronize(engine.device)
         seconds = time.perf_counter() - t0
-    return Result(batches * len(pixels), seconds, {"batch": len(pixels)})
+    return Result(batches * len(pixels), seconds, {"batch": len(pixels), "image_precision": tower.precision})
 
 
 def run_engine(

@@ -23,7 +23,8 @@ class BenchOptions:
     arch: str = "ViT-B/32"  # architecture: its real checkpoint when cached locally, else random weights
     model: str | None = None  # a checkpoint (hub id or directory) instead of the arch's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # image tower precision (auto: fp32 on CPU, fp16 on CUDA)
+    dtype: str = "auto"  # image tower precision of the main contenders (auto: fp32 on CPU, fp16 on CUDA)
+    precisions: tuple[str, ...] = ()  # the ceiling and the worker of each, side by side (() = dtype's only)
     images: int = 384  # images through the engine and the worker (cycled from `distinct` generated ones)
     distinct: int = 128  # distinct generated JPEGs
     sizes: tuple[tuple[int, int, int], ...] = ((640, 480, 1),)  # (width, height, weight) of the size mix
@@ -79,6 +80,9 @@ class BenchOptions:
         ):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name.replace('_', '-')} must be at least 1")
+        bad = set(self.precisions) - {"float32", "bfloat16", "float16", "int8"}
+        if bad:
+            raise BenchError(f"precisions are float32, bfloat16, float16, int8; got {', '.join(sorted(bad))}")
         if self.load_seconds <= 0 or self.decode_threads < 0 or self.max_delay_ms < 0:
             raise BenchError("load-seconds must be positive, decode-threads and max-delay-ms not negative")
 
@@ -107,6 +111,15 @@ def parse_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _precisions(args: argparse.Namespace) -> tuple[str, ...]:
+    from moderator.bench.precisions import available_precisions
+    from moderator.clip import resolve_device
+
+    if args.precisions == "auto":
+        return available_precisions(resolve_device(args.device), args.dtype)
+    return tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+
+
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     quick, sweeps = args.quick, not (args.quick or args.no_sweeps)
@@ -117,7 +130,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         return on_quick if quick else (on_cuda if cuda else normal)
 
     return BenchOptions(
-        arch=args.arch, model=args.model, device=args.device, dtype=args.dtype,
+        arch=args.arch, model=args.model, device=args.device, dtype=args.dtype, precisions=_precisions(args),
         images=pick(args.images, 384, 4096, 256 if not cuda else 1024), distinct=args.distinct,
         sizes=parse_sizes(args.sizes), source=args.source, prompts=args.prompts, batch=args.batch,
         max_delay_ms=args.max_delay_ms, decode_threads=args.decode_threads, decode_schedule=args.decode_schedule,

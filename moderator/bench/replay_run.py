@@ -40,10 +40,18 @@ def synthetic_log(app: App, policy: CompiledPolicy, topic: str, records: int, se
     """Produce ``records`` embedding records of the serving model to ``topic``; the seconds it took."""
     rng = np.random.default_rng(seed)
     engine = app.engine
-    live = Decision(decision="allow", scores={}, triggered=[], policy=policy.ref, model=engine.fingerprint)
+    live = Decision(
+        decision="allow",
+        scores={},
+        triggered=[],
+        policy=policy.ref,
+        model=engine.fingerprint,
+        image_precision=engine.precision,
+    )
     template = EmbeddingRecord(
-        event_id="x", model=engine.fingerprint, dtype="float16", dim=engine.embed_dim, vector="", live=live,
-        source=Source(topic="bench-images", partition=0, offset=0), decided_at=utc_now(),
+        event_id="x", model=engine.fingerprint, image_precision=engine.precision, dtype="float16",
+        dim=engine.embed_dim, vector="", live=live, source=Source(topic="bench-images", partition=0, offset=0),
+        decided_at=utc_now(),
     ).model_dump(mode="json")  # fmt: skip
     producer = app.producer(linger_ms=20, batch_size=256 * 1024)
     t0 = time.perf_counter()
@@ -71,13 +79,13 @@ def run_replay_contender(
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
     if worker is not None and worker.get("feed") == "kafka":
-        same = _rate(run_replay(app, policy_dir))
+        same = _rate(run_replay(app, policy_dir, image_precision=app.engine.precision))
         out["same_events"] = {**same, "over_worker": round(same["per_s"] / worker["images_per_s"], 1)}
     topic = f"bench-{uuid.uuid4().hex[:8]}-embeddings"
     create_topics([NewTopic(topic, opts.partitions, compacted=True)])
     produce_s = synthetic_log(app, policy, topic, opts.log_records, opts.seed)
     log_app = App(app.settings.model_copy(update={"topic_embeddings": topic}), engine=app.engine)
-    large = _rate(run_replay(log_app, policy_dir))
+    large = _rate(run_replay(log_app, policy_dir, image_precision=app.engine.precision))
     out["log"] = {**large, "records": opts.log_records, "produce_s": round(produce_s, 2)}
     if worker is not None:
         out["log"]["over_worker"] = round(large["per_s"] / worker["images_per_s"], 1)

@@ -64,6 +64,8 @@ def render_table(report: dict[str, Any]) -> str:
             lines.append(replay_line("the worker's own events", r["same_events"]))
         lines.append(replay_line(f"a {r['log']['records']:,}-record log", r["log"])
                      + f"; produced in {r['log']['produce_s']:.1f} s")  # fmt: skip
+    if report.get("precisions"):
+        lines += ["", *precision_lines(report["precisions"])]
     sweeps = report.get("sweeps", {})
     if "batch" in sweeps:
         lines.append("\nthroughput vs batch size:")
@@ -82,3 +84,37 @@ def render_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def precision_lines(precisions: dict[str, Any]) -> list[str]:
+    """The image tower per precision: speed against the float32 ceiling, and the gate's figures."""
+    probes = next((p["gate"]["probe_images"] for p in precisions.values() if "probe_images" in p["gate"]), None)
+    lines = [
+        "image tower per precision (ratios against the float32 ceiling of this run; cosine and decision agreement"
+        + (f" on {probes} generated probe images vs float32" if probes else "")
+        + "):",
+        f"{'precision':<10} {'tower':<14} {'ceiling/s':>10} {'vs fp32':>8} {'worker/s':>10} {'vs fp32':>8} "
+        f"{'min cos':>9} {'mean cos':>9} {'agreement':>10}  serving",
+    ]
+
+    def num(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for name, p in precisions.items():
+        g = p["gate"]
+        agreement = min(g["agreement"].values()) if g.get("agreement") else None
+        lines.append(
+            f"{name:<10} {g['image_tower']:<14} {num(p.get('ceiling', {}).get('images_per_s'), '.2f'):>10} "
+            f"{num(p.get('ceiling_over_float32_ceiling'), '.2f') + 'x':>8} "
+            f"{num(p.get('worker', {}).get('images_per_s'), '.2f'):>10} "
+            f"{num(p.get('worker_over_float32_ceiling'), '.2f') + 'x':>8} {num(g.get('min_cosine'), '.5f'):>9} "
+            f"{num(g.get('mean_cosine'), '.5f'):>9} {num(agreement, '.2%'):>10}  {g['serving']}"
+        )
+    for name, p in precisions.items():
+        stages = p.get("worker", {}).get("stages")
+        if stages:
+            parts = [f"{s} {v['ms_per_image']:.2f}" for s, v in stages.items()]
+            lines.append(f"  {name} worker stages (ms per image, summed over threads): " + ", ".join(parts))
+        if p["gate"].get("fallback"):
+            lines.append(f"  {name} fell back to {p['gate']['serving']}: {p['gate']['fallback']}")
+    return lines

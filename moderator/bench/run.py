@@ -31,6 +31,7 @@ from moderator.bench.measure import (
     sweep_prompts,
 )
 from moderator.bench.options import BenchOptions
+from moderator.bench.precisions import PrecisionRun, load_precisions, precisions_report, worker_options
 from moderator.bench.replay_run import run_replay_contender
 from moderator.bench.worker_run import run_worker_contender
 from moderator.clip import PIPELINE_TEMPLATE, SUPPORTED_CHECKPOINTS, ClipEngine, checkpoint_available, zero_shot_probs
@@ -97,8 +98,13 @@ def run_bench(
     tmp = Path(tempfile.mkdtemp(prefix="moderator-bench-"))
     progress("model")
     model_id, model_path = resolve_model(opts)
+    gate = load_settings()  # the precision gate's floors and probe size, the int8 calibration (MODERATOR_*)
     engine = ClipEngine.load(model_id, device=opts.device, dtype=opts.dtype, max_batch_size=opts.batch,
-                             local_files_only=not Path(model_id).is_dir())  # fmt: skip
+                             local_files_only=not Path(model_id).is_dir(), min_cosine=gate.precision_min_cosine,
+                             probe_images=gate.precision_probe_images,
+                             int8_calibration_images=gate.int8_calibration_images,
+                             int8_calibration_dir=gate.int8_calibration_dir,
+                             int8_smooth_quant_alpha=gate.int8_smooth_quant_alpha)  # fmt: skip
     random_init = is_random_init(model_path) is not None
     if random_init:
         notes.append(f"random weights of the {opts.arch} architecture (no real checkpoint in the local cache):"
@@ -131,6 +137,10 @@ def run_bench(
             http_port=0, log_level="WARNING",
         )  # fmt: skip
         app = App(settings, engine=engine)
+        runs: dict[str, PrecisionRun] = {}
+        if opts.precisions:
+            progress("precisions: " + ", ".join(opts.precisions))
+            runs = load_precisions(opts, model_id, engine, app)
         encoder = app.encoder
         t0 = time.perf_counter()
         policy = app.compile(bench_policy(texts))
@@ -141,7 +151,7 @@ def run_bench(
             "config": {k: v for k, v in asdict(opts).items() if k not in ("kafka_bootstrap", "redis_url")},
             "machine": _machine(engine),
             "model": {"id": model_id, "fingerprint": engine.fingerprint, "architecture": opts.arch,
-                      "random_init": random_init, "dtype": str(engine.dtype).removeprefix("torch.")},
+                      "random_init": random_init, "dtype": engine.precision, "image_tower": engine.image_tower},
             "inputs": {"sizes": sizes, "distinct_images": len(distinct),
                        "mean_jpeg_bytes": int(np.mean([len(d) for d in distinct])), "source": opts.source,
                        "prompts": len(texts), "prompt_template": PIPELINE_TEMPLATE,
@@ -163,6 +173,9 @@ def run_bench(
             if "ceiling" in opts.contenders:
                 progress("ceiling")
                 slices.append(run_ceiling(engine, batch_pixels, opts.ceiling_batches))
+                for run in runs.values():  # each precision's slice beside it (the main one's is the same)
+                    run.slices.append(slices[-1] if run.engine is engine else
+                                      run_ceiling(run.engine, batch_pixels, opts.ceiling_batches))  # fmt: skip
 
         ceiling_slice()
         if "engine" in opts.contenders:
@@ -187,12 +200,19 @@ def run_bench(
         if "worker" in opts.contenders:
             progress("worker")
             contenders["worker"] = run_worker_contender(opts, app, distinct, server, notes)
-        ceiling_slice()
         if "replay" in opts.contenders:
             progress("replay")
             assert create_topics is not None
             contenders["replay"] = run_replay_contender(opts, app, policy, policy_dir, contenders.get("worker"),
                                                         create_topics)  # fmt: skip
+        for p, run in runs.items():
+            if "worker" in opts.contenders:
+                if run.engine is engine:
+                    run.worker = contenders["worker"]
+                else:
+                    progress(f"worker, {p}")
+                    run.worker = run_worker_contender(worker_options(opts), run.app, distinct, server, [])
+        ceiling_slice()
         if slices:
             median = sorted(slices, key=lambda r: r.images_per_s)[len(slices) // 2]
             contenders["ceiling"] = median.to_dict() | {
@@ -206,6 +226,8 @@ def run_bench(
             progress("sweep: prompts")
             report["sweeps"]["prompts"] = sweep_prompts(engine, encoder, reference, images, loader, opts)
         report["ratios"] = ratios(contenders)
+        if runs:
+            report["precisions"] = precisions_report(runs)
     finally:
         loader.close()
         if server is not None:

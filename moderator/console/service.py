@@ -150,7 +150,7 @@ class ReviewService:
         if verdict == "confirm" and not categories:
             raise ConsoleError("confirm needs at least one category")
         judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
-                          model=item.model)  # fmt: skip
+                          model=item.model, image_precision=item.image_precision)  # fmt: skip
         record = Verdict(
             event_id=event_id, verdict=verdict, categories=categories, reviewer=reviewer, note=note[:2000],
             revision=(current.revision + 1) if current is not None else 1, judged=judged, sampled=item.sampled,

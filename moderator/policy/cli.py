@@ -87,7 +87,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             reason = exc.reason if isinstance(exc, ImageError) else "unreadable_file"
             print(json.dumps({"image": path, "error": reason, "message": str(exc)}))
             continue
-        report = explain(policy, app.engine.encode_images(arr[None])[0], top=args.top)
+        tower = app.engine.tower
+        report = explain(policy, app.engine.encode_images(arr[None], tower)[0], args.top, tower.precision)
         print(json.dumps({"image": path, **report}, indent=2 if args.pretty else None))
     return 1 if failed else 0
 

@@ -156,8 +156,10 @@ class PolicyRegistry:
         compile_fn: Callable[[PolicySpec, str], CompiledPolicy],
         default: str | None = None,
         interval_s: float = 0.5,
+        before_swap: Callable[[PolicySet], None] | None = None,
     ) -> None:
         self.source = source
+        self.before_swap = before_swap
         self.compile_fn = compile_fn
         self.default_name = default
         self.interval_s = interval_s
@@ -241,7 +243,10 @@ class PolicyRegistry:
     def swap(self) -> PolicySet:
         with self._lock:
             named, broken = self._named()
-            self.current = PolicySet.of(named, self.default_name, broken)
+            new = PolicySet.of(named, self.default_name, broken)
+            if self.before_swap is not None:  # e.g. the precision gate: checked before the set serves
+                self.before_swap(new)
+            self.current = new
             self.generation += 1
         POLICY_INFO.clear()
         for name, p in self.current.policies.items():

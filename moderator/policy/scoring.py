@@ -11,7 +11,16 @@ import numpy as np
 import torch
 
 from moderator.banks.index import Hit
-from moderator.events import BankMatch, CategoryExplanation, Decision, Outcome, PolicyRef, TextMatch, Trigger
+from moderator.events import (
+    BankMatch,
+    CategoryExplanation,
+    Decision,
+    ImagePrecision,
+    Outcome,
+    PolicyRef,
+    TextMatch,
+    Trigger,
+)
 from moderator.observability import STAGE_SECONDS, get_logger
 from moderator.policy.spec import BankRule, PolicyError, PolicySpec
 
@@ -144,14 +153,25 @@ class CompiledPolicy:
         logits = self.logit_scale * (image_embeds.float() @ self.matrix)
         return score_logits(logits, self.tables).cpu().numpy()
 
-    def decisions(self, image_embeds: torch.Tensor, hits: Sequence[Sequence[Hit]] | None = None) -> list[Decision]:
-        """Decide a batch: its category scores, and (given) each image's bank hits."""
+    def decisions(
+        self,
+        image_embeds: torch.Tensor,
+        hits: Sequence[Sequence[Hit]] | None = None,
+        image_precision: ImagePrecision = "float32",
+    ) -> list[Decision]:
+        """Decide a batch: its category scores, (given) each image's bank hits, and the precision of the
+        image tower that computed its embeddings (recorded)."""
         t0 = time.perf_counter()
-        out = self.decide(self.scores(image_embeds), hits)
+        out = self.decide(self.scores(image_embeds), hits, image_precision)
         STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
         return out
 
-    def decide(self, scores: np.ndarray, hits: Sequence[Sequence[Hit]] | None = None) -> list[Decision]:
+    def decide(
+        self,
+        scores: np.ndarray,
+        hits: Sequence[Sequence[Hit]] | None = None,
+        image_precision: ImagePrecision = "float32",
+    ) -> list[Decision]:
         codes = decide_batch(scores, self.flag, self.review)
         ref = self.ref
         enabled = [c for c in self.spec.categories if c.enabled]
@@ -176,6 +196,7 @@ class CompiledPolicy:
                     triggered=triggered,
                     policy=ref,
                     model=self.model,
+                    image_precision=image_precision,
                 )
             )
         return out
@@ -257,14 +278,17 @@ def explanations(policy: CompiledPolicy, image_embeds: torch.Tensor, top: int = 
     return out
 
 
-def explain(policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3) -> dict[str, Any]:
+def explain(
+    policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3, image_precision: ImagePrecision = "float32"
+) -> dict[str, Any]:
     """``moderator policy explain`` for one image: its decision and :func:`explanations`."""
-    decision = policy.decisions(image_embed.reshape(1, -1))[0]
+    decision = policy.decisions(image_embed.reshape(1, -1), image_precision=image_precision)[0]
     cats = explanations(policy, image_embed.reshape(1, -1), top)[0]
     return {
         "decision": decision.decision,
         "policy": decision.policy.model_dump(),
         "model": decision.model,
+        "image_precision": decision.image_precision,
         "logit_scale": policy.logit_scale,
         "categories": [c.model_dump() for c in cats],
     }

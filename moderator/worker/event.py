@@ -12,6 +12,7 @@ from kafka import TopicPartition
 from moderator.banks.pdq import PdqHash
 from moderator.events import CategoryExplanation, Decision, ImageRef, ParsedEvent, Source, Timings
 from moderator.images import PreprocessSpec
+from moderator.precision import ImageTower
 from moderator.worker.checkpoint import Receipt
 
 
@@ -21,9 +22,10 @@ class ImageEngine(Protocol):
     device: torch.device
     spec: PreprocessSpec  # how images are resized and cropped before the tower
     fingerprint: str  # the model that decided, recorded in every decision
+    tower: ImageTower  # the image tower serving now: read once per batch, its precision recorded
 
-    def encode_images(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 ``[B, H, W, 3]`` to L2-normalized float32 embeddings ``[B, D]``."""
+    def encode_images(self, batch: np.ndarray, tower: ImageTower | None = None) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` to L2-normalized float32 embeddings ``[B, D]`` (by ``tower``)."""
         ...
 
 

@@ -101,7 +101,8 @@ class Worker:
         self.consumer.topics()
         self.batches.start()
         log.info("worker_started", topic=self.topic, group=self.settings.kafka_group_id,
-                 model=self.engine.fingerprint, policies=sorted(self.registry.current.policies))  # fmt: skip
+                 model=self.engine.fingerprint, image_precision=self.engine.tower.precision,
+                 policies=sorted(self.registry.current.policies))  # fmt: skip
         try:
             while not self._stopping.is_set():
                 for tp, records in self.consumer.poll(timeout_ms=100).items():

@@ -81,17 +81,17 @@ class Outputs:
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
                 image=e.image,
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
-                metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
+                image_precision=d.image_precision, metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
                 sampled=result.sample_rate is not None, sample_rate=result.sample_rate,
                 explanation=list(result.explanation),
             )  # fmt: skip
             out.append(OutRecord(self.review, item.model_dump_json().encode()))
         if result.embedding is not None:
             embedding = EmbeddingRecord(
-                event_id=e.parsed.id, model=d.model, dtype=self.embeddings_dtype, dim=len(result.embedding),
-                vector=encode_vector(result.embedding, self.embeddings_dtype), source=e.source, live=d,
-                decided_at=decided_at, pdq=e.pdq.hex if e.pdq else None, pdq_quality=e.pdq.quality if e.pdq else None,
-                image=e.image,
+                event_id=e.parsed.id, model=d.model, image_precision=d.image_precision, dtype=self.embeddings_dtype,
+                dim=len(result.embedding), vector=encode_vector(result.embedding, self.embeddings_dtype),
+                source=e.source, live=d, decided_at=decided_at, pdq=e.pdq.hex if e.pdq else None,
+                pdq_quality=e.pdq.quality if e.pdq else None, image=e.image,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
         for shadow in result.shadows:

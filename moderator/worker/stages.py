@@ -230,8 +230,9 @@ class BatchStage:
             if not events:
                 return
         snapshot = self.registry.current  # the whole batch is decided with this policy set
+        tower = self.engine.tower  # and embedded by this tower, whose precision its decisions record
         t0 = time.perf_counter()
-        embeds = self.engine.encode_images(np.stack([_pixels(e) for e in events]))
+        embeds = self.engine.encode_images(np.stack([_pixels(e) for e in events]), tower)
         model_s = time.perf_counter() - t0  # transfer + forward (each observed by the engine)
         obs.BATCH_SIZE.observe(len(events))
         t1 = time.perf_counter()
@@ -251,7 +252,7 @@ class BatchStage:
                     self.sink.failed(events[i], exc.reason, str(exc))
                 continue
             group_hits = None if hits is None else [hits[i] for i in rows]
-            for i, d in zip(rows, policy.decisions(embeds[rows], group_hits), strict=True):
+            for i, d in zip(rows, policy.decisions(embeds[rows], group_hits, tower.precision), strict=True):
                 decisions[i] = d
                 parsed = events[i].parsed
                 if policy.spec.audit is not None and parsed is not None:
@@ -259,7 +260,7 @@ class BatchStage:
                     if rate > 0 and audit_draw(parsed.id) < rate:
                         sample_rates[i] = rate
             for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
-                for i, d in zip(rows, shadow.decisions(embeds[rows], group_hits), strict=True):
+                for i, d in zip(rows, shadow.decisions(embeds[rows], group_hits, tower.precision), strict=True):
                     shadows[i].append(d)
             # The review feed's items carry why they scored as they did (one product for all of them).
             feed = [i for i in rows if goes_to_review(decisions[i], sample_rates[i], self.review_include_flagged)]

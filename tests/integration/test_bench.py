@@ -94,6 +94,30 @@ def test_bench_url_source_through_the_in_process_feed(tiny_clip_dir):
     assert "ceiling" not in report["contenders"] and "worker_over_ceiling" not in report["ratios"]
 
 
+def test_bench_per_precision_in_one_run(tiny_clip_dir):
+    opts = BenchOptions(
+        arch="tiny", model=str(tiny_clip_dir), images=48, distinct=8, batch=8, feed="queue",
+        contenders=("worker", "ceiling"), precisions=("float32", "int8"), load_levels=(50,), load_seconds=1,
+        ceiling_batches=2,
+    )  # fmt: skip
+    report = run_bench(opts)
+    fp32, int8 = report["precisions"]["float32"], report["precisions"]["int8"]
+    assert fp32["ceiling"] == report["contenders"]["ceiling"] and fp32["worker"] == report["contenders"]["worker"]
+    assert fp32["ceiling_over_float32_ceiling"] == 1.0 and fp32["gate"]["serving"] == "float32"
+    assert len(int8["ceiling"]["slices_images_per_s"]) == 3 and int8["worker"]["images"] == 48
+    assert int8["worker"]["latency"] == []  # the latency levels are the main precision's
+    assert int8["ceiling"]["image_precision"] == int8["gate"]["serving"]
+    for what in ("ceiling", "worker"):
+        ratio = int8[f"{what}_over_float32_ceiling"]
+        assert ratio == pytest.approx(int8[what]["images_per_s"] / fp32["ceiling"]["images_per_s"], rel=0.01)
+    gate = int8["gate"]
+    assert gate["probe_images"] == 200 and gate["min_cosine"] >= 0.99 and set(gate["agreement"]) == {"bench"}
+    assert gate["image_tower"] == ("openvino-int8" if gate["serving"] == "int8" else "onednn-fused")
+    table = render_table(report)
+    assert "image tower per precision" in table and "int8 worker stages" in table
+    json.dumps(report)
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     # The random-init tiny checkpoint is built into this cache (not the user's).
     return {**os.environ, "MODERATOR_STACK_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}

@@ -252,3 +252,32 @@ def test_reviewer_verdicts_give_precision_and_recall_of_both_sides(logged, tmp_p
     # Every sampled verdict (i % 4 == 0) is an overturn and weighs 10: 20 confirms over 20 + 10 + 10 x 10.
     assert v["candidate"]["flag_precision"] == pytest.approx(20 / 130, abs=1e-4)
     assert report["metrics"]["flag_recall_drop_verdicts"] <= 0  # flagging everything loses no recall
+
+
+def test_records_of_another_image_precision_are_never_mixed(logged, monkeypatch, capsys):
+    settings, _ = logged
+    app = App(settings)
+    producer = make_producer(settings)
+    vec = np.ones(16, dtype=np.float32) / 4
+    live = {"decision": "flag", "scores": {}, "triggered": [], "model": app.engine.fingerprint,
+            "image_precision": "int8", "policy": {"name": "community-standards", "version": "sha256:x"}}  # fmt: skip
+    for i in range(5):  # the same model, embedded by an int8 tower
+        record = EmbeddingRecord(
+            event_id=f"int8-{i}", model=app.engine.fingerprint, image_precision="int8", dtype="float16", dim=16,
+            vector=encode_vector(vec, "float16"), source=Source(topic="images", partition=0, offset=i), live=live,
+            decided_at="2026-01-01T00:00:00Z",
+        )  # fmt: skip
+        producer.send(
+            settings.topic("embeddings"), key=record.event_id.encode(), value=record.model_dump_json().encode()
+        )
+    producer.flush()
+    producer.close()
+    fp32 = run_replay(app, ROOT / "policies")
+    assert (fp32["replayed"], fp32["skipped_other_precision"], fp32["image_precision"]) == (500, 5, "float32")
+    assert fp32["transitions"] == {}  # the int8 records' stored "flag" never met the fp32 ones
+    for key, value in settings_env(settings).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    assert main(["replay", "--policy", str(ROOT / "policies"), "--image-precision", "int8", "--json"]) in (0, 1)
+    int8 = json.loads(capsys.readouterr().out)
+    assert (int8["replayed"], int8["skipped_other_precision"], int8["image_precision"]) == (5, 500, "int8")

@@ -38,7 +38,7 @@ def test_settings_are_frozen():
         ("MODERATOR_KAFKA_API_VERSION", "latest"),
         ("MODERATOR_KAFKA_BOOTSTRAP_SERVERS", "no-port"),
         ("MODERATOR_DEVICE", "tpu"),
-        ("MODERATOR_DTYPE", "int8"),
+        ("MODERATOR_DTYPE", "int4"),
         ("MODERATOR_REDIS_SOCKET_TIMEOUT_MS", "soon"),
     ],
 )

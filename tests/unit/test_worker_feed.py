@@ -120,8 +120,11 @@ def test_the_embedding_record_holds_the_vector_and_the_live_decision(tiny_engine
     assert _run(app, feed, 1) == EXIT_OK
     out = _outputs(feed)
     record, decision = out["embeddings"]["a"], out["decisions"]["a"]
-    assert (record["model"], record["dtype"], record["dim"]) == (tiny_engine.fingerprint, "float16", 16)
-    assert record["live"] == {k: decision[k] for k in ("decision", "scores", "triggered", "policy", "model")}
+    assert (record["model"], record["image_precision"], record["dtype"], record["dim"]) == (
+        tiny_engine.fingerprint, "float32", "float16", 16)  # fmt: skip
+    assert record["live"] == {
+        k: decision[k] for k in ("decision", "scores", "triggered", "policy", "model", "image_precision")
+    }
     pixels = load_image(jpeg_bytes(photo_like(40, 30, seed=7)), ImageLimits(), tiny_engine.spec)
     want = tiny_engine.encode_images(pixels[None]).numpy()
     got = decode_vectors([record["vector"]], "float16", 16)
