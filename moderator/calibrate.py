@@ -317,7 +317,8 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             if p is None:
                 continue
             rows.append({"category": name, "threshold": rule, "target": f"{target} {c['targets'][target]}",
-                         "current": c["current"][rule], "proposed": c["proposed"][rule] if p["threshold"] else "-",
+                         "current": round(c["current"][rule], 4),
+                         "proposed": c["proposed"][rule] if p["threshold"] else "-",
                          "estimate": p["estimate"], "lower_bound": p["lower"], "verdicts": p["count"],
                          "why_not": p["reason"] + (f"; need {p['needed']}" if p["needed"] else "")})  # fmt: skip
     return rows

@@ -83,5 +83,6 @@ def review_item(finding: Finding, record: EmbeddingRecord, severity: str | None)
     return ReviewItem(
         event_id=record.event_id, decision="review", priority=review_priority([reason]), image=image,
         scores=record.live.scores, reasons=[reason, *record.live.triggered], policy=record.live.policy,
-        model=record.model, image_precision=record.image_precision, source=record.source, decided_at=record.decided_at, retroactive=True,
+        model=record.model, image_precision=record.image_precision, source=record.source,
+        decided_at=record.decided_at, retroactive=True,
     )  # fmt: skip

@@ -84,6 +84,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument(
         "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"
     )
+    p.add_argument("--bank-sizes", help="entries of the banks contender's banks (default 10000,100000)")
     p.add_argument("--feed", choices=["kafka", "queue"], default="kafka",
                    help="queue: the worker fed from an in-process queue, for machines without Kafka")  # fmt: skip
     p.add_argument("--partitions", type=int, default=4, help="partitions of the benchmark's images topic")

@@ -21,8 +21,9 @@ from moderator.images import ImageError, ImageLoader
 from moderator.policy import CompiledPolicy, compile_policy
 from moderator.worker.stages import decode_before_forward
 
-STAGES = ("fetch", "decode", "preprocess", "transfer", "forward", "score", "publish", "produce", "commit")
-ENGINE_THREAD_STAGES = ("transfer", "forward", "score", "publish")  # the model's part of the engine thread
+STAGES = ("fetch", "decode", "preprocess", "pdq", "transfer", "forward", "banks", "score", "publish", "produce",
+          "commit")  # fmt: skip
+ENGINE_THREAD_STAGES = ("transfer", "forward", "banks", "score", "publish")  # the model's part of the engine thread
 
 
 def stage_totals() -> dict[str, tuple[float, float]]:

@@ -11,7 +11,7 @@ import torch
 
 from moderator.random_init import ARCHITECTURES
 
-CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")
+CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks")
 
 
 class BenchError(RuntimeError):
@@ -38,6 +38,7 @@ class BenchOptions:
     ceiling_batches: int = 6
     contenders: tuple[str, ...] = ("reference", "engine", "worker", "ceiling", "replay")
     log_records: int = 200_000  # embedding records in the replay contender's synthetic log
+    bank_sizes: tuple[int, ...] = (10_000, 100_000)  # entries of the banks contender's banks
     feed: str = "kafka"  # kafka | queue
     partitions: int = 4
     kafka_bootstrap: str | None = None  # an existing broker instead of a local stack
@@ -51,7 +52,8 @@ class BenchOptions:
 
     @property
     def needs_kafka(self) -> bool:
-        return "replay" in self.contenders or ("worker" in self.contenders and self.feed == "kafka")
+        workers = "worker" in self.contenders or "banks" in self.contenders
+        return "replay" in self.contenders or (workers and self.feed == "kafka")
 
     @property
     def threads(self) -> int:
@@ -80,6 +82,8 @@ class BenchOptions:
         ):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name.replace('_', '-')} must be at least 1")
+        if any(n < 1 for n in self.bank_sizes) or ("banks" in self.contenders and not self.bank_sizes):
+            raise BenchError("bank-sizes: one or more entry counts, each at least 1")
         bad = set(self.precisions) - {"float32", "bfloat16", "float16", "int8"}
         if bad:
             raise BenchError(f"precisions are float32, bfloat16, float16, int8; got {', '.join(sorted(bad))}")
@@ -138,6 +142,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()) if args.contenders else
         tuple(c for c in CONTENDERS if c != "replay" or args.feed == "kafka"), feed=args.feed,
         log_records=pick(args.log_records, 200_000, 200_000, 50_000),
+        bank_sizes=parse_ints(args.bank_sizes) if args.bank_sizes else (10_000, 100_000),
         partitions=args.partitions, kafka_bootstrap=args.kafka_bootstrap, kafka_api_version=args.kafka_api_version,
         redis_url=args.redis_url,
         load_levels=parse_ints(args.load) if args.load else ((50,) if quick else (25, 50, 75, 100)),

@@ -64,6 +64,8 @@ def render_table(report: dict[str, Any]) -> str:
             lines.append(replay_line("the worker's own events", r["same_events"]))
         lines.append(replay_line(f"a {r['log']['records']:,}-record log", r["log"])
                      + f"; produced in {r['log']['produce_s']:.1f} s")  # fmt: skip
+    if "banks" in c:
+        lines += ["", *bank_lines(c["banks"])]
     if report.get("precisions"):
         lines += ["", *precision_lines(report["precisions"])]
     sweeps = report.get("sweeps", {})
@@ -84,6 +86,29 @@ def render_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def bank_lines(b: dict[str, Any]) -> list[str]:
+    """Known-image banks: the worker with banks of each size against none, PDQ per image, search costs."""
+    lines = [f"known-image banks (worker images/s; no bank: {b['no_bank_images_per_s']:.2f}, the mean of a run"
+             " before and one after):"]  # fmt: skip
+    for name, w in b["workers"].items():
+        what = "no bank" + (" (before)" if name == "none_before" else " (after)") if name.startswith("none") else (
+            f"{int(name):,} entries")  # fmt: skip
+        stages = ", ".join(f"{s} {v['ms_per_image']:.2f}" for s, v in w["stages"].items())
+        build = f"; index built in {w['index_build_s']:.1f} s" if "index_build_s" in w else ""
+        lines.append(f"  {what:<22} {w['images_per_s']:>8.2f}/s  cost {w['cost_vs_no_bank']:>6.1%}  "
+                     f"(ms per image: {stages}){build}")  # fmt: skip
+    p = b["pdq"]
+    share = p["share_of_worker_time_per_image"]
+    lines.append(f"  PDQ hash (8 rotations and mirrors) of a decoded {p['size']} image: {p['ms_per_image']:.2f} ms"
+                 f" on one core = {share:.1%} of the worker's time per image")  # fmt: skip
+    lines.append("  search per batch (ms): entries, PDQ by FAISS, PDQ by numpy popcount, embeddings:")
+    for s in b["search_per_batch"]:
+        lines.append(
+            f"    {s['entries']:>9,}: {s['pdq_faiss_ms']:>8.2f} {s['pdq_numpy_ms']:>10.2f} {s['embedding_ms']:>10.2f}"
+        )
+    return lines
 
 
 def precision_lines(precisions: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ import yaml
 
 from moderator import clients
 from moderator.app import App
+from moderator.bench.banks_run import run_banks_contender
 from moderator.bench.inputs import ImageServer, bench_policy, make_images, prompt_bank
 from moderator.bench.measure import (
     Result,
@@ -200,6 +201,8 @@ def run_bench(
         if "worker" in opts.contenders:
             progress("worker")
             contenders["worker"] = run_worker_contender(opts, app, distinct, server, notes)
+        if "banks" in opts.contenders:
+            contenders["banks"] = run_banks_contender(opts, app, bench_policy(texts), distinct, server, tmp, progress)
         if "replay" in opts.contenders:
             progress("replay")
             assert create_topics is not None

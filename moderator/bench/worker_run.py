@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moderator.app import App
+from moderator.banks.store import Banks, FixedBanks
 from moderator.bench.inputs import EventSource, ImageServer
 from moderator.bench.measure import ENGINE_THREAD_STAGES, percentiles, stage_breakdown, stage_totals
 from moderator.bench.options import BenchError, BenchOptions
@@ -184,18 +185,25 @@ def _latency_phase(
 
 
 def run_worker_contender(
-    opts: BenchOptions, app: App, distinct: Sequence[bytes], server: ImageServer | None, notes: list[str]
+    opts: BenchOptions,
+    app: App,
+    distinct: Sequence[bytes],
+    server: ImageServer | None,
+    notes: list[str],
+    banks: Banks | None = None,
 ) -> dict[str, Any]:
+    """The worker on a backlog of events, then at the load levels. ``banks``: a fixed bank index
+    (default: the banks topic with a Kafka feed, none with the in-process queue)."""
     settings = app.settings
     events = EventSource(distinct, opts.source, server)
     transport: _Transport
     if opts.feed == "kafka":
         transport = _KafkaTransport(app)
-        worker = app.worker()
+        worker = app.worker(banks=banks)
     else:
         feed = QueueFeed(settings.topic("images"), max_poll_records=min(500, settings.max_in_flight))
         transport = _QueueTransport(settings, feed)
-        worker = app.worker(consumer=feed, producer=feed)
+        worker = app.worker(consumer=feed, producer=feed, banks=banks if banks is not None else FixedBanks())
         notes.append(
             "worker fed from an in-process queue (no Kafka or Redis here): its figures leave out the broker's"
             " network and storage; a decision counts when the worker hands it to the producer"

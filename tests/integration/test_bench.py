@@ -31,11 +31,19 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
         arch="tiny", model=str(tiny_clip_dir), images=96, distinct=16, batch=16, reference_images=4,
         ceiling_batches=2, load_levels=(50,), load_seconds=2, kafka_bootstrap=kafka_service.bootstrap_servers,
         kafka_api_version=kafka_service.api_version, redis_url=redis_service.url, sweep_batch=(8,),
-        sweep_prompts=(4, 20), log_records=3000,
+        sweep_prompts=(4, 20), log_records=3000, bank_sizes=(500, 5000),
+        contenders=("reference", "engine", "worker", "ceiling", "replay", "banks"),
     )  # fmt: skip
     report = run_bench(opts, create_topics=kafka_service.create_topics)
-    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling", "replay"}
+    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling", "replay", "banks"}
     _check_contender_rates(report)
+    banks = report["contenders"]["banks"]
+    assert set(banks["workers"]) == {"none_before", "500", "5000", "none_after"}
+    assert all(w["images_per_s"] > 0 for w in banks["workers"].values())
+    assert "banks" in banks["workers"]["5000"]["stages"] and "pdq" in banks["workers"]["5000"]["stages"]
+    assert [s["entries"] for s in banks["search_per_batch"]] == [1_000, 10_000, 100_000]
+    assert banks["pdq"]["ms_per_image"] > 0
+    assert "known-image banks" in render_table(report)
     assert set(report["ratios"]) >= {"worker_over_ceiling", "worker_over_reference", "engine_over_reference"}
 
     worker = report["contenders"]["worker"]
