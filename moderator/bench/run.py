@@ -201,13 +201,13 @@ def run_bench(
         if "worker" in opts.contenders:
             progress("worker")
             contenders["worker"] = run_worker_contender(opts, app, distinct, server, notes)
-        if "banks" in opts.contenders:
-            contenders["banks"] = run_banks_contender(opts, app, bench_policy(texts), distinct, server, tmp, progress)
         if "replay" in opts.contenders:
             progress("replay")
             assert create_topics is not None
             contenders["replay"] = run_replay_contender(opts, app, policy, policy_dir, contenders.get("worker"),
                                                         create_topics)  # fmt: skip
+        if "banks" in opts.contenders:  # after the replay: the replay's "same events" are the worker's alone
+            contenders["banks"] = run_banks_contender(opts, app, bench_policy(texts), distinct, server, tmp, progress)
         for p, run in runs.items():
             if "worker" in opts.contenders:
                 if run.engine is engine:
