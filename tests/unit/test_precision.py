@@ -239,3 +239,17 @@ def test_probe_images_are_fixed(tiny_engine):
     a = generated_images(tiny_engine.spec, 3, PROBE_SEED)
     assert a.shape == (3, *tiny_engine.spec.output_hw, 3) and a.dtype == np.uint8
     assert np.array_equal(a, generated_images(tiny_engine.spec, 3, PROBE_SEED))
+
+
+def test_openvino_and_nncf_telemetry_stays_off():
+    """OpenVINO's tools turn their usage telemetry on (no consent file means yes) each time they start;
+    after no_telemetry() the shared telemetry object never consents, whatever they set."""
+    import openvino_telemetry
+
+    from moderator.int8 import no_telemetry
+
+    no_telemetry()
+    telemetry = openvino_telemetry.Telemetry(app_name="ovc-test", app_version="0", tid="G-TEST", backend="ga4",
+                                             enable_opt_in_dialog=False)  # fmt: skip
+    telemetry.init(app_name="nncf-test", app_version="0", tid="G-TEST", backend="ga4", enable_opt_in_dialog=False)
+    assert telemetry.consent is False
