@@ -129,9 +129,10 @@ class App:
     # --- the worker ---------------------------------------------------------------------------------
     def worker(self, *, consumer: Any = None, producer: Any = None, banks: Banks | None = None) -> Worker:
         """The stream worker; ``consumer``/``producer`` replace the Kafka clients (an in-process feed),
-        ``banks`` the banks topic (default: :attr:`bank_store`, unless ``MODERATOR_BANKS_ENABLED=false``)."""
+        ``banks`` the banks topic (default: :attr:`bank_store` with Kafka clients, unless
+        ``MODERATOR_BANKS_ENABLED=false``; no banks with an in-process feed)."""
         if banks is None:
-            banks = self.bank_store if self.settings.banks_enabled else FixedBanks()
+            banks = self.bank_store if self.settings.banks_enabled and consumer is None else FixedBanks()
         return Worker(
             self.settings, self.engine, self.policies,
             consumer=consumer if consumer is not None else self.consumer(),

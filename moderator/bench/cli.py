@@ -79,7 +79,8 @@ def register_cli(sub: Any) -> None:
                    help="when images are decoded (MODERATOR_DECODE_SCHEDULE; auto: before_forward on CPU)")  # fmt: skip
     p.add_argument("--reference-images", type=int, help="images through the reference (default 24; CUDA 64)")
     p.add_argument(
-        "--contenders", help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka)"
+        "--contenders",
+        help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka; also: banks)",
     )
     p.add_argument(
         "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"

@@ -12,6 +12,7 @@ import torch
 from moderator.random_init import ARCHITECTURES
 
 CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks")
+DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks: asked for by name
 
 
 class BenchError(RuntimeError):
@@ -140,7 +141,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         max_delay_ms=args.max_delay_ms, decode_threads=args.decode_threads, decode_schedule=args.decode_schedule,
         reference_images=pick(args.reference_images, 24, 64, 8), ceiling_batches=6 if quick else 10,
         contenders=tuple(c.strip() for c in args.contenders.split(",") if c.strip()) if args.contenders else
-        tuple(c for c in CONTENDERS if c != "replay" or args.feed == "kafka"), feed=args.feed,
+        tuple(c for c in DEFAULT_CONTENDERS if c != "replay" or args.feed == "kafka"), feed=args.feed,
         log_records=pick(args.log_records, 200_000, 200_000, 50_000),
         bank_sizes=parse_ints(args.bank_sizes) if args.bank_sizes else (10_000, 100_000),
         partitions=args.partitions, kafka_bootstrap=args.kafka_bootstrap, kafka_api_version=args.kafka_api_version,
