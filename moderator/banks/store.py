@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ from moderator.banks.index import EMPTY, BankIndex, Entry
 from moderator.banks.pdq import MIN_QUALITY, from_hex
 from moderator.config import Settings
 from moderator.events import BankEntry
+from moderator.periodic import Periodic
 
 log = obs.get_logger(__name__)
 
@@ -108,8 +108,7 @@ class BankStore:
         self.current: BankIndex = EMPTY
         self._entries: dict[str, Entry] = {}
         self._reader: Any = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = Periodic(self.refresh, interval_s, "bank-follower", "bank_follow_error")
         self._generation = 0
 
     def load(self) -> BankIndex:
@@ -152,20 +151,10 @@ class BankStore:
         return index
 
     def start(self) -> BankStore:
-        def loop() -> None:
-            while not self._stop.wait(self.interval_s):
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("bank_follow_error")
-
-        self._thread = threading.Thread(target=loop, name="bank-follower", daemon=True)
-        self._thread.start()
+        self._follower.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._follower.stop()
         if self._reader is not None:
             self._reader.close(autocommit=False)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from moderator.errors import ReasonError
 from moderator.observability import POLICY_INFO, POLICY_RELOADS, get_logger
+from moderator.periodic import Periodic
 from moderator.policy.scoring import CompiledPolicy
 from moderator.policy.spec import PolicyError, PolicySpec, UnknownPolicy
 
@@ -165,8 +166,7 @@ class PolicyRegistry:
         self.interval_s = interval_s
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = Periodic(self.refresh, interval_s, "policy-reloader", "policy_reload_loop_error")
         self.current = PolicySet({}, None)
         self.generation = 0
 
@@ -274,19 +274,9 @@ class PolicyRegistry:
             return changed
 
     def start(self) -> PolicyRegistry:
-        def loop() -> None:
-            while not self._stop.wait(self.interval_s):
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("policy_reload_loop_error")
-
-        self._thread = threading.Thread(target=loop, name="policy-reloader", daemon=True)
-        self._thread.start()
+        self._follower.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._follower.stop()
         self.source.close()

@@ -19,7 +19,7 @@ from moderator.cli import main
 from moderator.clients import make_reader, read_to_end
 from moderator.samples import jpeg_bytes, photo_like
 
-from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env
+from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,13 +42,6 @@ def _banks_loaded_after(worker: WorkerProcess, since: float, entries: int) -> fl
         if e.get("event") == "banks_loaded" and e.get("entries") == entries and _logged_at(e) >= since:
             return _logged_at(e)
     return None
-
-
-def _wait(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
 
 
 def _bank_triggers(decision: dict) -> list[dict]:
@@ -79,7 +72,7 @@ def test_an_entry_added_while_the_worker_runs_matches_within_seconds_and_a_tombs
         rows = _cli_json(capsys, ["bank", "add", "known", str(tmp_path / "case.jpg"), "--id", "case-1",
                                   "--label", "confirmed 2026-11", "--author", "alice"])  # fmt: skip
         assert rows[0]["result"] == "added" and rows[0]["embedding"] is True
-        _wait(lambda: _banks_loaded_after(worker, added, 1) is not None, timeout=5)
+        wait_until(lambda: _banks_loaded_after(worker, added, 1) is not None, timeout=5)
         delay = _banks_loaded_after(worker, added, 1) - added  # type: ignore[operator]
         print(f"bank entry added -> live on the worker: {delay:.2f} s")
         copies = {"copy-q40": jpeg_bytes(original, quality=40), "copy-mirror": jpeg_bytes(original[:, ::-1]),
@@ -97,7 +90,7 @@ def test_an_entry_added_while_the_worker_runs_matches_within_seconds_and_a_tombs
         # Removed: a tombstone, and the worker stops matching it.
         removed = time.time()
         assert main(["bank", "remove", "known", "case-1"]) == 0
-        _wait(lambda: _banks_loaded_after(worker, removed, 0) is not None, timeout=5)
+        wait_until(lambda: _banks_loaded_after(worker, removed, 0) is not None, timeout=5)
         produce(settings, [("after-removal", inline_event("after-removal", copies["copy-q40"]))])
         out.wait_for({"after-removal"})
         after = next(r for r in out.records["decisions"] if r["event_id"] == "after-removal")

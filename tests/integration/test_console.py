@@ -31,7 +31,7 @@ from moderator.console.auth import hash_password
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.topics import TOPICS, NewTopic
 
-from .harness import Outputs, WorkerProcess, inline_event, produce
+from .harness import Outputs, WorkerProcess, inline_event, produce, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MODERATOR_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
@@ -127,16 +127,9 @@ def console(reviewed, kafka_service) -> Iterator[Console]:
     topic = f"verdicts-{uuid.uuid4().hex[:8]}"
     kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
     c = Console(App(_console_settings(reviewed, topic_verdicts=topic)), health=False).start()
-    _wait(lambda: c.queue.depth()[0] == 40)
+    wait_until(lambda: c.queue.depth()[0] == 40)
     yield c
     c.stop()
-
-
-def _wait(condition: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _verdicts(settings: Settings) -> list[dict[str, Any]]:
@@ -196,7 +189,7 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     with page.expect_navigation():
         page.keyboard.press("c")
     assert urllib.parse.unquote(page.url.rsplit("/item/", 1)[1]) != event_id  # on to the next one
-    _wait(lambda: any(v["event_id"] == event_id for v in _verdicts(console.app.settings)))
+    wait_until(lambda: any(v["event_id"] == event_id for v in _verdicts(console.app.settings)))
     [verdict] = [v for v in _verdicts(console.app.settings) if v["event_id"] == event_id]
     assert (verdict["verdict"], verdict["categories"], verdict["reviewer"]) == ("confirm", fired, "alice")
     assert verdict["judged"]["decision"] == "review" and verdict["revision"] == 1
@@ -255,7 +248,7 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
     kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
     c = Console(App(_console_settings(reviewed, topic_verdicts=topic, console_lease_s=1.5)), health=False).start()
     try:
-        _wait(lambda: c.queue.depth()[0] == 40)
+        wait_until(lambda: c.queue.depth()[0] == 40)
         [first] = c.service.claim_next("alice")
         [other] = c.service.claim_next("bob")
         assert other.item.event_id != first.item.event_id  # held: bob gets the next one
@@ -266,7 +259,7 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
 
         with pytest.raises(NotYours):  # a verdict only from the lease holder
             c.service.submit(first.item.event_id, "alice", "overturn", [])
-        _wait(lambda: _metric("moderator_console_lease_expiries_total") >= 1, timeout=5)
+        wait_until(lambda: _metric("moderator_console_lease_expiries_total") >= 1, timeout=5)
     finally:
         c.stop()
 
@@ -315,7 +308,7 @@ def test_a_restarted_console_does_not_show_judged_items(reviewed, kafka_service)
     settings = _console_settings(reviewed, topic_verdicts=topic)
     first = Console(App(settings), health=False).start()
     try:
-        _wait(lambda: first.queue.depth()[0] == 40)
+        wait_until(lambda: first.queue.depth()[0] == 40)
         judged = []
         for q in first.service.claim_next("alice", count=5):
             first.service.submit(q.item.event_id, "alice", "overturn", [])
@@ -327,7 +320,7 @@ def test_a_restarted_console_does_not_show_judged_items(reviewed, kafka_service)
         first.stop()
     second = Console(App(settings), health=False).start()
     try:
-        _wait(lambda: second.queue.depth()[0] == 35)
+        wait_until(lambda: second.queue.depth()[0] == 35)
         pending = {q.item.event_id for q in second.queue.pending()}
         assert not pending & set(judged) and len(pending) == 35
         assert len(_verdicts(settings)) == 5

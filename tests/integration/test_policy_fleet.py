@@ -17,7 +17,7 @@ from moderator.policy import load_spec
 from moderator.policy.topic import read_published
 from moderator.samples import jpeg_bytes, photo_like
 
-from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env
+from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,13 +34,6 @@ def _loaded_at(worker: WorkerProcess, version: str) -> float | None:
         if e.get("event") == "policy_loaded" and e.get("version") == version:
             return datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
     return None
-
-
-def _wait(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
 
 
 def test_a_published_version_reaches_every_worker_and_a_rollback_brings_the_old_one_back(
@@ -71,7 +64,7 @@ def test_a_published_version_reaches_every_worker_and_a_rollback_brings_the_old_
         v2 = load_spec(second / "community-standards.yaml").version()
         published = time.time()
         assert main(["policy", "publish", str(second), "--author", "bob", "--message", "lower flag"]) == 0
-        _wait(lambda: all(_loaded_at(w, v2) for w in workers), timeout=10)
+        wait_until(lambda: all(_loaded_at(w, v2) for w in workers), timeout=10)
         delays = [_loaded_at(w, v2) - published for w in workers]  # type: ignore[operator]
         assert max(delays) < 2.0, delays
         print(f"publish to served: {', '.join(f'{d:.2f} s' for d in delays)}; spread {max(delays) - min(delays):.2f} s")
@@ -98,7 +91,7 @@ def test_a_published_version_reaches_every_worker_and_a_rollback_brings_the_old_
         # Roll back: every worker serves the first version again.
         rolled = time.time()
         assert main(["policy", "rollback", "community-standards", "--author", "carol"]) == 0
-        _wait(lambda: all(any(e.get("event") == "policy_loaded" and e.get("version") == v1 and
+        wait_until(lambda: all(any(e.get("event") == "policy_loaded" and e.get("version") == v1 and
                               datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() > rolled
                               for e in w.events()) for w in workers), timeout=10)  # fmt: skip
         items = _events("rolled", 30)
