@@ -26,7 +26,15 @@ import torch
 from moderator.app import App
 from moderator.calibration import Curve, Judged, curve, propose_flag, propose_review
 from moderator.events import FINAL_VERDICTS, Verdict
-from moderator.policy import CompiledPolicy, PolicySpec, explanations, load_spec, parse_spec, policy_files
+from moderator.policy import (
+    CompiledPolicy,
+    PolicySpec,
+    audit_draw,
+    explanations,
+    load_spec,
+    parse_spec,
+    policy_files,
+)
 from moderator.policy.rewrite import set_thresholds
 from moderator.replay import read_log, read_verdicts, run_replay
 
@@ -82,9 +90,35 @@ def _truth(v: Verdict, category: str) -> bool:
 class Judgements:
     verdicts: list[Verdict]
     scores: np.ndarray  # [N, C] in the policy's current category order
+    weights: np.ndarray  # [N]: 1 / the probability that the verdict's decision was judged
     embeddings: dict[str, np.ndarray]  # event id -> its logged embedding (what the log has)
     left_out: int  # judged under another version and not in the log any more
     rescored: int
+    judged_share: dict[str, float | None]  # of the logged review decisions, and of the audit samples
+
+
+def judged_shares(
+    spec: PolicySpec, logged_ids: list[str], logged_live: list[dict[str, Any]], verdicts: list[Verdict]
+) -> dict[str, float | None]:
+    """What share of the policy's review decisions in the embeddings log has a verdict, and of its
+    audit samples (which events were sampled follows from their ids and the policy's ``audit``
+    rates). None: nothing to measure it on. A share below 1 (a queue not yet worked down) scales the
+    weights of that stratum's verdicts, assuming the judged ones are a random subset of it."""
+    judged_review = {v.event_id for v in verdicts if not v.sampled and v.judged.decision == "review"}
+    judged_sampled = {v.event_id for v in verdicts if v.sampled}
+    review = sampled = review_hit = sampled_hit = 0
+    for eid, live in zip(logged_ids, logged_live, strict=True):
+        if live["policy"]["name"] != spec.name:
+            continue
+        outcome = live["decision"]
+        if outcome == "review":
+            review += 1
+            review_hit += eid in judged_review
+        elif spec.audit is not None and audit_draw(eid) < spec.audit.rate(outcome):
+            sampled += 1
+            sampled_hit += eid in judged_sampled
+    return {"review": review_hit / review if review_hit else None,
+            "audit_samples": sampled_hit / sampled if sampled_hit else None}  # fmt: skip
 
 
 def judgements(app: App, policy: CompiledPolicy) -> Judgements:
@@ -112,7 +146,12 @@ def judgements(app: App, policy: CompiledPolicy) -> Judgements:
         vectors = torch.from_numpy(logged.vectors[[row[keep[i].event_id] for i in stale]])
         matrix[stale] = policy.scores(vectors.to(policy.matrix.device))
     embeddings = {v.event_id: logged.vectors[row[v.event_id]] for v in keep if v.event_id in row}
-    return Judgements(keep, matrix, embeddings, left_out, len(stale))
+    shares = judged_shares(policy.spec, logged.ids, logged.live, keep)
+    review_share, sampled_share = shares["review"] or 1.0, shares["audit_samples"] or 1.0
+    weights = np.array([1.0 / (v.sample_rate * sampled_share) if v.sampled and v.sample_rate
+                        else 1.0 / review_share if v.judged.decision == "review" else 1.0
+                        for v in keep])  # fmt: skip
+    return Judgements(keep, matrix, weights, embeddings, left_out, len(stale), shares)
 
 
 def hints(policy: CompiledPolicy, category: str, overturned: list[np.ndarray]) -> dict[str, Any]:
@@ -168,7 +207,7 @@ def run_calibrate(app: App, opts: Options) -> dict[str, Any]:
     changes: dict[str, dict[str, float]] = {}
     by_name = {c.name: c for c in spec.categories}
     sampled = np.array([v.sampled and bool(v.sample_rate) for v in judged.verdicts], dtype=bool)
-    weight = np.array([1.0 / v.sample_rate if v.sampled and v.sample_rate else 1.0 for v in judged.verdicts])
+    weight = judged.weights
     for j, name in enumerate(policy.categories):
         if name not in targets:
             continue
@@ -223,7 +262,8 @@ def run_calibrate(app: App, opts: Options) -> dict[str, Any]:
         "confidence": opts.confidence, "bound": "exact binomial (Clopper-Pearson) on the Kish effective size "
         "(precision); per-stratum exact Poisson bounds on the missed positives (recall); fixed-sequence scan",
         "verdicts": len(judged.verdicts), "rescored_from_log": judged.rescored,
-        "left_out_not_in_log": judged.left_out, "categories": categories, "proposed_file": None, "replay": None,
+        "left_out_not_in_log": judged.left_out, "judged_share": judged.judged_share, "warnings": _warnings(judged),
+        "categories": categories, "proposed_file": None, "replay": None,
     }  # fmt: skip
     if changes:
         proposed = opts.out / f"{spec.name}.yaml"
@@ -237,6 +277,16 @@ def run_calibrate(app: App, opts: Options) -> dict[str, Any]:
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (opts.out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
+
+
+def _warnings(judged: Judgements) -> list[str]:
+    out = []
+    for stratum, share in judged.judged_share.items():
+        if share is not None and share < 0.9:
+            out.append(f"only {share:.0%} of the logged {stratum.replace('_', ' ')} have a verdict: their verdicts are "
+                       "weighted up accordingly, assuming the judged ones are a random subset (a queue worked by "
+                       "priority is not); calibrate again once the queue is worked down")  # fmt: skip
+    return out
 
 
 def _round_up(t: float) -> float:
@@ -328,7 +378,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Calibration of {report['policy']} ({report['version']})", "",
              f"{report['verdicts']} verdicts ({report['rescored_from_log']} re-scored from the embeddings log, "
              f"{report['left_out_not_in_log']} left out: judged under another version and no longer logged); "
-             f"confidence {report['confidence']}; bound: {report['bound']}.", "",
+             f"confidence {report['confidence']}; bound: {report['bound']}.",
+             f"Share of the logged decisions judged: {report['judged_share']}.",
+             *[f"WARNING: {w}" for w in report["warnings"]], "",
              "| category | threshold | target | current | proposed | estimate | lower bound | verdicts | why not |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     columns = ("category", "threshold", "target", "current", "proposed", "estimate", "lower_bound", "verdicts",

@@ -165,6 +165,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(terminal.table(summary_rows(report), ["category", "threshold", "target", "current", "proposed", "estimate",
                                                 "lower_bound", "verdicts", "why_not"]))  # fmt: skip
     print(f"\n{report['verdicts']} verdicts; report, plots and the proposal in {opts.out}/")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     if report["proposed_file"]:
         replay = report["replay"]
         print(f"proposed policy: {report['proposed_file']} (check: moderator policy check {report['proposed_file']})")

@@ -89,6 +89,7 @@ def test_calibrate_proposes_thresholds_with_plots_and_a_replay(
     report = json.loads(capsys.readouterr().out)
     cat = report["categories"][CATEGORY]
     assert report["verdicts"] == len(items) and cat["audit_samples"] == sum(i.sampled for i in items)
+    assert report["judged_share"] == {"review": 1.0, "audit_samples": 1.0} and report["warnings"] == []
     assert 0 < cat["share_of_estimate_from_samples"] < 1
     proposed = Path(report["proposed_file"])
     assert proposed.exists() and (report_dir / f"pr-{CATEGORY}.png").stat().st_size > 10_000

@@ -142,3 +142,31 @@ def test_calibration_targets_do_not_change_the_policy_version() -> None:
     spec = parse_spec(with_target, "p.yaml")
     assert spec.categories[0].target is not None and spec.categories[0].target.precision == 0.9
     assert spec.version() == parse_spec(POLICY, "p.yaml").version()
+
+
+def test_the_share_of_each_stratum_judged_is_measured_on_the_log() -> None:
+    """Half the review decisions judged, a quarter of the audit samples: the shares that scale the weights."""
+    from moderator.calibrate import judged_shares
+    from moderator.events import Decision, PolicyRef, Verdict
+    from moderator.policy import audit_draw
+
+    spec = parse_spec(POLICY + "audit: {allow: 0.5, flag: 0.0}\n", "p.yaml")
+    ids = [f"e{i}" for i in range(400)]
+    outcomes = ["review" if i % 4 == 0 else "allow" for i in range(400)]
+    live = [{"decision": o, "policy": {"name": "p"}} for o in outcomes]
+    live[1] = {"decision": "review", "policy": {"name": "another"}}  # another policy's: not counted
+    sampled = [e for e, o in zip(ids, outcomes, strict=True) if o == "allow" and audit_draw(e) < 0.5]
+    reviews = [e for e, o, x in zip(ids, outcomes, live, strict=True) if o == "review" and x["policy"]["name"] == "p"]
+
+    def verdict(eid: str, decision: str, rate: float | None) -> Verdict:
+        judged = Decision(
+            decision=decision, scores={}, triggered=[], policy=PolicyRef(name="p", version="v"), model="m"
+        )
+        return Verdict(event_id=eid, verdict="overturn", reviewer="r", judged=judged, sampled=rate is not None,
+                       sample_rate=rate, decided_at="t", reviewed_at="t")  # fmt: skip
+
+    verdicts = [verdict(e, "review", None) for e in reviews[::2]] + [verdict(e, "allow", 0.5) for e in sampled[::4]]
+    shares = judged_shares(spec, ids, live, verdicts)
+    assert shares["review"] == pytest.approx(len(reviews[::2]) / len(reviews))
+    assert shares["audit_samples"] == pytest.approx(len(sampled[::4]) / len(sampled))
+    assert judged_shares(spec, ids, live, []) == {"review": None, "audit_samples": None}
