@@ -172,6 +172,7 @@ class Settings(BaseSettings):
     console_grid_size: int = Field(12, ge=1, le=100)
     console_group_id: str = "moderator-console"  # its own consumer group on the review topic
     console_redis_prefix: str = "moderator:console:"
+    console_banks: tuple[str, ...] = ()  # banks a reviewer may add a confirmed image to (a PDQ entry)
 
     # --- Observability --------------------------------------------------------------------------
     http_host: str = "0.0.0.0"

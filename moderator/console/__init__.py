@@ -27,6 +27,7 @@ from moderator import clients
 from moderator.app import App
 from moderator.console.app import WebConfig, create_app
 from moderator.console.auth import Accounts, hash_password
+from moderator.console.banks import ConsoleBanks
 from moderator.console.feeds import ConsoleFeeds
 from moderator.console.images import ReviewImages
 from moderator.console.leases import Leases
@@ -80,14 +81,15 @@ class Console:
         self.leases = Leases(redis, s.console_redis_prefix, s.console_lease_s)
         self.feeds = ConsoleFeeds(app, self.queue)
         self.images = ReviewImages(app)
-        self.service = ReviewService(self.queue, self.leases, self.feeds)
+        banks = ConsoleBanks(app, self.images, self.feeds) if s.console_banks else None
+        self.service = ReviewService(self.queue, self.leases, self.feeds, banks=banks)
         self.feeds.on_tick = self.service.expire_claims
         self.web = create_app(
             WebConfig(
                 secret_key=secret, accounts=accounts, trusted_user_header=s.console_trusted_user_header,
                 trusted_proxies=frozenset(s.console_trusted_proxies), https=s.console_https,
                 allowed_origins=frozenset(s.console_allowed_origins), session_s=int(s.console_session_hours * 3600),
-                grid_size=s.console_grid_size, lease_s=s.console_lease_s, dev=dev,
+                grid_size=s.console_grid_size, lease_s=s.console_lease_s, dev=dev, banks=tuple(s.console_banks),
             ),
             self.queue, self.service, self.images,
         )  # fmt: skip

@@ -56,6 +56,7 @@ class WebConfig:
     grid_size: int
     lease_s: float
     dev: bool  # development mode: shown on every page
+    banks: tuple[str, ...] = ()  # known-image banks a confirmed image may be added to
 
 
 def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, images: ReviewImages) -> Starlette:
@@ -136,7 +137,7 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         event_id = request.path_params["event_id"]
         queued = await run_in_threadpool(service.held, event_id, user)
         return page(request, "item.html", q=queued, item=queued.item, current=queue.verdict(event_id),
-                    verdict_names=VERDICTS)  # fmt: skip
+                    verdict_names=VERDICTS, banks=config.banks)  # fmt: skip
 
     async def grid_page(request: Request, user: str) -> Response:
         return page(request, "grid.html", items=await run_in_threadpool(service.mine, user))
@@ -163,8 +164,9 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         if choice not in VERDICTS:
             raise ConsoleError(f"a verdict is one of {', '.join(VERDICTS)}")
         categories = [str(c) for c in form.getlist("category")]
+        bank = (str(form.get("bank", "")) or None) if choice == "confirm" else None
         await run_in_threadpool(service.submit, request.path_params["event_id"], user, choice, categories,
-                                str(form.get("note", "")))  # fmt: skip
+                                str(form.get("note", "")), bank)  # fmt: skip
         return await next_item(user)
 
     async def skip(request: Request, user: str) -> Response:

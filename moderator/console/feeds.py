@@ -24,7 +24,7 @@ from moderator import observability as obs
 from moderator.app import App
 from moderator.clients import read_to_end
 from moderator.console.queue import ReviewQueue
-from moderator.events import ReviewItem, Verdict
+from moderator.events import BankEntry, ReviewItem, Verdict
 
 log = obs.get_logger(__name__)
 
@@ -145,3 +145,7 @@ class ConsoleFeeds:
             timeout=30
         )
         self.queue.add_verdict(verdict)
+
+    def publish_bank_entry(self, topic: str, entry: BankEntry) -> None:
+        """Publish a bank entry (``console/banks.py``) and wait until the broker has it."""
+        self.producer.send(topic, key=entry.key.encode(), value=entry.model_dump_json().encode()).get(timeout=30)

@@ -47,7 +47,7 @@ class ReviewImages:
             if cached is not None:
                 self._cache.move_to_end(item.event_id)
                 return cached
-        data = self._original(item)
+        data = self.original(item)
         try:
             image = decode(data, self.limits)
         except ReasonError as exc:
@@ -64,7 +64,8 @@ class ReviewImages:
                 self._cache_bytes -= len(old)
         return jpeg
 
-    def _original(self, item: ReviewItem) -> bytes:
+    def original(self, item: ReviewItem) -> bytes:
+        """The image's bytes as uploaded (read back from Kafka, or fetched through the SSRF-safe fetcher)."""
         if item.image.url is not None:
             try:
                 return self.app.fetcher.fetch(item.image.url)

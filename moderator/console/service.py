@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from moderator import observability as obs
+from moderator.console.banks import BankRefused, ConsoleBanks
 from moderator.console.feeds import ConsoleFeeds
 from moderator.console.leases import Leases
 from moderator.console.queue import Queued, ReviewQueue
@@ -42,10 +43,18 @@ class Submitted:
 
 
 class ReviewService:
-    def __init__(self, queue: ReviewQueue, leases: Leases, feeds: ConsoleFeeds, scan_limit: int = 500) -> None:
+    def __init__(
+        self,
+        queue: ReviewQueue,
+        leases: Leases,
+        feeds: ConsoleFeeds,
+        scan_limit: int = 500,
+        banks: ConsoleBanks | None = None,
+    ) -> None:
         self.queue = queue
         self.leases = leases
         self.feeds = feeds
+        self.banks = banks  # where a confirmed image may also go (MODERATOR_CONSOLE_BANKS)
         self.scan_limit = scan_limit  # candidates looked at per claim (their leases in one round trip)
         self._claims: dict[str, tuple[str, float]] = {}  # made here: event id -> (reviewer, expiry)
         self._skipped: dict[tuple[str, str], float] = {}  # (reviewer, event id) -> until when
@@ -134,13 +143,24 @@ class ReviewService:
 
     # --- verdicts ------------------------------------------------------------------------------------
     def submit(
-        self, event_id: str, reviewer: str, verdict: VerdictKind, categories: list[str], note: str = ""
+        self,
+        event_id: str,
+        reviewer: str,
+        verdict: VerdictKind,
+        categories: list[str],
+        note: str = "",
+        bank: str | None = None,
     ) -> Submitted:
-        """Publish ``reviewer``'s verdict on an item they hold; an identical resubmission publishes nothing."""
+        """Publish ``reviewer``'s verdict on an item they hold; an identical resubmission publishes nothing.
+        With ``bank`` (a confirm), the image goes to that known-image bank first (nothing is published
+        if it cannot)."""
         categories = sorted(set(categories)) if verdict == "confirm" else []
         current = self.queue.verdict(event_id)
         same = (verdict, categories, reviewer, note[:2000])
-        if current is not None and (current.verdict, current.categories, current.reviewer, current.note) == same:
+        unchanged = (
+            current is not None and (current.verdict, current.categories, current.reviewer, current.note) == same
+        )
+        if unchanged and bank is None and current is not None:
             return Submitted(current, published=False)  # a double submission: nothing changes
         queued = self.held(event_id, reviewer)
         item = queued.item
@@ -149,6 +169,14 @@ class ReviewService:
             raise ConsoleError(f"unknown categories {unknown} (the policy's are {sorted(item.scores)})")
         if verdict == "confirm" and not categories:
             raise ConsoleError("confirm needs at least one category")
+        if bank is not None:
+            if verdict != "confirm" or self.banks is None:
+                raise ConsoleError("only a confirmed image goes to a bank, and only to one the console offers")
+            try:
+                entry = self.banks.add(item, bank, reviewer, ", ".join(categories) + (f": {note}" if note else ""))
+            except BankRefused as exc:
+                raise ConsoleError(str(exc)) from None
+            log.info("bank_entry_added", event_id=event_id, bank=bank, reviewer=reviewer, pdq_quality=entry.pdq_quality)
         judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
                           model=item.model, image_precision=item.image_precision)  # fmt: skip
         record = Verdict(

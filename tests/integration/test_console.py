@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from moderator.app import App
+from moderator.banks.store import read_entries
 from moderator.clients import make_reader, read_to_end
 from moderator.config import Settings
 from moderator.console import Console
@@ -126,7 +127,8 @@ def _console_settings(reviewed: Settings, **overrides: Any) -> Settings:
 def console(reviewed, kafka_service) -> Iterator[Console]:
     topic = f"verdicts-{uuid.uuid4().hex[:8]}"
     kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
-    c = Console(App(_console_settings(reviewed, topic_verdicts=topic)), health=False).start()
+    c = Console(App(_console_settings(reviewed, topic_verdicts=topic, console_banks=("confirmed-weapons",))),
+                health=False).start()  # fmt: skip
     wait_until(lambda: c.queue.depth()[0] == 40)
     yield c
     c.stop()
@@ -186,6 +188,9 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     checked = page.eval_on_selector_all("input[name=category]:checked", "els => els.map(e => e.value)")
     fired = sorted({t.category for t in console.queue.get(event_id).item.reasons})
     assert "weapons" in fired and sorted(checked) == fired  # the fired categories, pre-checked
+    page.select_option("select[name=bank]", "confirmed-weapons")  # and into the bank it goes
+    page.focus("#note")
+    page.keyboard.press("Escape")
     with page.expect_navigation():
         page.keyboard.press("c")
     assert urllib.parse.unquote(page.url.rsplit("/item/", 1)[1]) != event_id  # on to the next one
@@ -193,6 +198,10 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     [verdict] = [v for v in _verdicts(console.app.settings) if v["event_id"] == event_id]
     assert (verdict["verdict"], verdict["categories"], verdict["reviewer"]) == ("confirm", fired, "alice")
     assert verdict["judged"]["decision"] == "review" and verdict["revision"] == 1
+    entries = read_entries(console.app.settings)
+    assert set(entries) == {f"confirmed-weapons/{event_id}"}
+    entry = entries[f"confirmed-weapons/{event_id}"]
+    assert entry.pdq is not None and entry.added_by == "alice" and entry.source == f"console:{event_id}"
     assert all(u.startswith(console.url) for u in requests), [u for u in requests if not u.startswith(console.url)]
     # The grid: a batch claimed, tiles blurred, judged with the keyboard.
     page.goto("/")
