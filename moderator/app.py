@@ -93,7 +93,7 @@ class App:
     @cached_property
     def bank_store(self) -> BankStore:
         """The banks topic, read (not yet following: ``start()``). A missing topic fails start-up."""
-        store = BankStore(self.settings, self.engine.fingerprint)
+        store = BankStore(self.settings, self.engine.fingerprint, self.engine.embed_dim)
         try:
             store.load()
         except clients.TopicError as exc:

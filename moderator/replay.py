@@ -53,7 +53,7 @@ class LoggedEvents:
     live: list[dict[str, Any]]  # the live decision stored with each (outcome, scores, triggered, policy)
     dtype: str  # how the vectors were stored (the widest seen)
     pdq: list[str | None]  # each image's PDQ hash (when its worker hashed it)
-    values: list[bytes]  # the records as read (``moderator bank scan`` re-reads the ones it reports)
+    values: list[bytes]  # the records as read, with keep_values (``bank scan`` re-reads the ones it reports)
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
     skipped_other_precision: int
@@ -64,7 +64,9 @@ class LoggedEvents:
         return [d["policy"]["name"] for d in self.live]
 
 
-def read_log(app: App, model: str, limit: int | None = None, image_precision: str | None = "float32") -> LoggedEvents:
+def read_log(
+    app: App, model: str, limit: int | None = None, image_precision: str | None = "float32", keep_values: bool = False
+) -> LoggedEvents:
     """The latest embedding record of every event in the log of ``model`` at ``image_precision`` (None:
     any; at most ``limit`` records read; records written before the field existed count as float32)."""
     t0 = time.perf_counter()
@@ -103,7 +105,8 @@ def read_log(app: App, model: str, limit: int | None = None, image_precision: st
         ids.append(r["event_id"])
         live.append(r["live"])
         pdq.append(r.get("pdq") if (r.get("pdq_quality") or 0) >= MIN_QUALITY else None)
-        values.append(value)
+        if keep_values:
+            values.append(value)
     t2 = time.perf_counter()
     dims = {dim for _, dim in vectors}
     if len(dims) > 1:
@@ -158,6 +161,8 @@ def stored_side(decisions: Sequence[dict[str, Any]], categories: tuple[str, ...]
     reached_review = np.zeros_like(reached_flag)
     for i, d in enumerate(decisions):
         for t in d["triggered"]:
+            if t["rule"] == "bank":  # a bank match is not a threshold crossing
+                continue
             j = index.get(t["category"])
             if j is None:
                 continue

@@ -124,7 +124,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     publish(load_settings(), parsed.entries)
     out = {"bank": args.name, "imported": len(parsed.entries), "refused_low_quality": parsed.low_quality,
            "invalid": len(parsed.invalid), "duplicates": parsed.duplicates,
-           "other_signal_types": parsed.skipped_other_signal}  # fmt: skip
+           "other_signal_types": parsed.skipped_other_signal,
+           "false_positive_opinions": parsed.false_positive_opinions}  # fmt: skip
     terminal.emit([out], list(out), as_json=terminal.wants_json(args.json))
     if parsed.low_quality:
         print(f"{parsed.low_quality} hash(es) of quality below 50 refused (they match too much)", file=sys.stderr)
@@ -193,6 +194,24 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 1 if unknown else 0
 
 
+def _negative_in(settings: Any, bank: str) -> list[str]:
+    """The served policies (directory or published) that use ``bank`` as a negative (known-benign) bank."""
+    from moderator.policy import PolicySpec, load_spec, policy_files
+
+    specs: list[PolicySpec] = []
+    if settings.policy_source == "kafka":
+        from moderator.policy.topic import live, read_published
+
+        specs = [PolicySpec.model_validate(r.spec) for r in live(read_published(settings)).values()]
+    else:
+        for path in policy_files([settings.policy_dir]) if settings.policy_dir.is_dir() else []:
+            try:
+                specs.append(load_spec(path))
+            except Exception:  # an invalid file is `policy check`'s business
+                continue
+    return [s.name for s in specs if any(r.name == bank and r.negative for r in s.banks)]
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     from moderator.app import App
     from moderator.banks.scan import review_item, scan
@@ -201,13 +220,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from moderator.replay import read_log
 
     app = App(load_settings())
+    if args.publish_review:
+        negative = _negative_in(app.settings, args.name)
+        if negative:
+            print(f"moderator bank scan: {args.name!r} is a negative (known-benign) bank in {', '.join(negative)}: "
+                  "its matches are not sent to review", file=sys.stderr)  # fmt: skip
+            return 2
     entries = [e for e in read_entries(app.settings).values() if e.bank == args.name
                and (not args.added_since or e.added_at >= args.added_since)]  # fmt: skip
     if not entries:
         print(f"moderator bank scan: bank {args.name!r} has no entries" + (" added since then" if args.added_since
               else ""), file=sys.stderr)  # fmt: skip
         return 1
-    logged = read_log(app, app.engine.fingerprint, image_precision=None)
+    logged = read_log(app, app.engine.fingerprint, image_precision=None, keep_values=args.publish_review)
     found = scan(logged, entries, app.engine.fingerprint, pdq_distance=args.pdq_distance, cosine=args.cosine)
     new = [f for f in found if not f.already_matched]
     published = 0

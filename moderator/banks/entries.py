@@ -2,9 +2,11 @@
 
 Hash lists are read in the forms ThreatExchange's tools write (the ``pdq`` signal type):
 
-- ``pdq-photo-hasher`` output and this product's export: ``hash,quality,id`` (no header);
+- ``pdq-photo-hasher`` output and this product's export: ``hash,quality,id`` (no header; an id that is
+  a file path with spaces becomes the label, the hash the id), and its ``--details`` form
+  (``hash=...,quality=...``);
 - ``threatexchange dataset --csv``: a header with ``signal_type,signal_str,...`` (rows of other signal
-  types are skipped);
+  types are skipped, and rows whose ``category`` is a partner's ``FALSE_POSITIVE`` opinion too);
 - one hash per line, optionally ``pdq <hash>`` (the ``local_file`` exchange).
 
 A hash whose quality is given and below 50 is refused (counted); a line that is not a hash is
@@ -80,6 +82,7 @@ class HashList:
     entries: list[BankEntry] = field(default_factory=list)
     low_quality: int = 0
     skipped_other_signal: int = 0
+    false_positive_opinions: int = 0  # rows a partner marked FALSE_POSITIVE (not imported)
     invalid: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
     duplicates: int = 0
 
@@ -99,14 +102,21 @@ def parse_hash_list(text: str, bank: str, *, source: str, added_by: str, label: 
         cells = [c.strip() for c in row]
         if not cells or not any(cells) or cells[0].startswith("#"):
             continue
+        row_label = ""
         if header is not None:
-            signal = cells[header["signal_type"]] if "signal_type" in header else "pdq"
-            if signal.lower() != "pdq":
+            named = {name: cells[i] if i < len(cells) else "" for name, i in header.items()}
+            if (named.get("signal_type") or "pdq").lower() != "pdq":
                 out.skipped_other_signal += 1
                 continue
-            hash_text, quality_text = cells[header["signal_str"]], None
-            entry_id = cells[header["id"]] if "id" in header and len(cells) > header["id"] else None
-            row_label = " ".join(cells[header[k]] for k in ("category", "tags") if k in header and cells[header[k]])
+            if named.get("category", "").upper() == "FALSE_POSITIVE":  # the partner's opinion: it misfires
+                out.false_positive_opinions += 1
+                continue
+            hash_text, quality_text, entry_id = named.get("signal_str", ""), None, named.get("id") or None
+            row_label = " ".join(named[k] for k in ("collab", "category", "tags") if named.get(k))
+        elif any("=" in c for c in cells):  # pdq-photo-hasher --details: hash=...,norm=...,quality=...
+            fields = dict(c.partition("=")[::2] for c in cells if "=" in c)
+            hash_text, quality_text = fields.get("hash", ""), fields.get("quality") or None
+            entry_id = fields.get("filename") or None
         else:
             if len(cells) == 1 and " " in cells[0]:  # "pdq <hash>"
                 kind, _, rest = cells[0].partition(" ")
@@ -117,8 +127,7 @@ def parse_hash_list(text: str, bank: str, *, source: str, added_by: str, label: 
             hash_text = cells[0]
             quality_text = cells[1] if len(cells) > 1 and cells[1] else None
             entry_id = cells[2] if len(cells) > 2 and cells[2] else None
-            row_label = ""
-        hash_text = hash_text.lower().removeprefix("hash=")
+        hash_text = hash_text.lower()
         if not HEX_RE.match(hash_text):
             out.invalid.append((number, f"not a PDQ hash (64 hex characters): {hash_text[:70]!r}"))
             continue
@@ -135,10 +144,9 @@ def parse_hash_list(text: str, bank: str, *, source: str, added_by: str, label: 
             if quality < MIN_QUALITY:
                 out.low_quality += 1
                 continue
+        if entry_id is not None and not ID_RE.match(entry_id):  # e.g. a file path with spaces: kept as the label
+            row_label, entry_id = row_label or entry_id, None
         entry_id = entry_id or hash_text
-        if not ID_RE.match(entry_id):
-            out.invalid.append((number, f"id {entry_id[:60]!r}: printable characters, no spaces, at most 256"))
-            continue
         if entry_id in seen:
             out.duplicates += 1
             continue
@@ -150,9 +158,13 @@ def parse_hash_list(text: str, bank: str, *, source: str, added_by: str, label: 
 
 
 def export_hash_list(entries: Sequence[BankEntry]) -> str:
-    """The bank's hashes as ``hash,quality,id`` lines (what :func:`parse_hash_list` reads back)."""
-    lines = [f"{e.pdq},{e.pdq_quality if e.pdq_quality is not None else ''},{e.id}" for e in entries if e.pdq]
-    return "".join(line + "\n" for line in lines)
+    """The bank's hashes as ``hash,quality,id`` CSV lines (what :func:`parse_hash_list` reads back)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for e in entries:
+        if e.pdq:
+            writer.writerow([e.pdq, "" if e.pdq_quality is None else e.pdq_quality, e.id])
+    return buf.getvalue()
 
 
 def from_verdict(bank: str, verdict: Verdict, logged: EmbeddingRecord | None, *, added_by: str) -> BankEntry | None:
@@ -166,8 +178,9 @@ def from_verdict(bank: str, verdict: Verdict, logged: EmbeddingRecord | None, *,
         vector = np.frombuffer(base64.b64decode(logged.vector), "<f4")
         embedding = encode_vector(vector, "float16")
     label = ", ".join(verdict.categories) + (f": {verdict.note}" if verdict.note else "")
+    entry_id = verdict.event_id if ID_RE.match(verdict.event_id) else image_id(verdict.event_id.encode())
     return BankEntry(
-        bank=bank, id=verdict.event_id, pdq=logged.pdq if usable else None, pdq_quality=logged.pdq_quality,
+        bank=bank, id=entry_id, pdq=logged.pdq if usable else None, pdq_quality=logged.pdq_quality,
         embedding=embedding, dim=logged.dim, model=logged.model, label=label[:500],
         source=f"verdict:{verdict.event_id} by {verdict.reviewer}", added_by=added_by, added_at=utc_now(),
     )  # fmt: skip

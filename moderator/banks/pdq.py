@@ -29,7 +29,8 @@ MATCH_DISTANCE = 31  # ThreatExchange's confident-match threshold
 MIN_QUALITY = 50  # hashes below this are discarded
 MAX_SIDE = 512
 HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-# compute_dihedral's order (ThreatExchange's names): which transformation of the bank image each is.
+# compute_dihedral's order (ThreatExchange's names): the transformation of the uploaded image each
+# hash is of; the one that matches turns the upload back into the bank image.
 VARIANTS = ("original", "rotate90", "rotate180", "rotate270", "flipx", "flipy", "flip_plus1", "flip_minus1")
 
 

@@ -57,7 +57,13 @@ def scan(
     cosine: float | None,
 ) -> list[Finding]:
     """Every (event, entry) of the log within ``pdq_distance`` bits or at least ``cosine`` similar."""
-    index = BankIndex([decode(e) for e in entries], model)
+    usable = []
+    for e in entries:
+        try:
+            usable.append(decode(e, model))
+        except ValueError:  # nothing this model can match on (or a bad record): not scanned
+            continue
+    index = BankIndex(usable, model)
     findings: list[Finding] = []
     for start in range(0, len(logged.ids), CHUNK):
         stop = min(start + CHUNK, len(logged.ids))

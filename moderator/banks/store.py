@@ -42,17 +42,26 @@ class FixedBanks:
         self.current = index
 
 
-def decode(record: BankEntry) -> Entry:
+def decode(record: BankEntry, model: str | None = None, dim: int | None = None) -> Entry:
     """The entry as the index keeps it: the hash as bytes (none when of too low a quality), the
-    embedding as float16."""
+    embedding as float16, renormalized. An embedding of ``model`` must have ``dim`` finite values of
+    about unit length (anything else raises ``ValueError``: one bad record must not poison the index);
+    another model's is dropped (it is never compared)."""
     pdq = None
     if record.pdq is not None and (record.pdq_quality is None or record.pdq_quality >= MIN_QUALITY):
         pdq = from_hex(record.pdq)
     embedding = None
-    if record.embedding is not None:
-        embedding = np.frombuffer(base64.b64decode(record.embedding), dtype="<f2").astype(np.float16)
-        if record.dim is not None and embedding.size != record.dim:
-            raise ValueError(f"entry {record.key}: embedding of {embedding.size} values, dim says {record.dim}")
+    if record.embedding is not None and (model is None or record.model == model):
+        values = np.frombuffer(base64.b64decode(record.embedding), dtype="<f2").astype(np.float32)
+        want = dim if dim is not None else record.dim
+        if want is not None and values.size != want:
+            raise ValueError(f"entry {record.key}: an embedding of {values.size} values, {want} expected")
+        norm = float(np.linalg.norm(values)) if np.isfinite(values).all() else float("nan")
+        if not 0.9 <= norm <= 1.1:
+            raise ValueError(f"entry {record.key}: the embedding is not L2-normalized (norm {norm:.3g})")
+        embedding = (values / norm).astype(np.float16)
+    if pdq is None and embedding is None:
+        raise ValueError(f"entry {record.key}: neither a usable PDQ hash nor an embedding of this model")
     return Entry(record.bank, record.id, record.label, pdq, embedding, record.model)
 
 
@@ -96,14 +105,10 @@ def publish(settings: Settings, entries: Iterable[BankEntry] = (), removed: Sequ
 class BankStore:
     """A worker's banks: the topic read at start-up, then followed (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        model: str,
-        interval_s: float = 0.25,
-    ) -> None:
+    def __init__(self, settings: Settings, model: str, dim: int, interval_s: float = 0.25) -> None:
         self.settings = settings
         self.model = model
+        self.dim = dim
         self.interval_s = interval_s
         self.current: BankIndex = EMPTY
         self._entries: dict[str, Entry] = {}
@@ -119,12 +124,17 @@ class BankStore:
         return self._swap()
 
     def refresh(self) -> bool:
-        """Apply what arrived since; swap in a new index if anything changed."""
+        """Apply everything that arrived since (a large import drains in one go), then swap in one new
+        index if anything changed."""
         changed = False
-        for records in self._reader.poll(timeout_ms=100, max_records=10_000).values():
-            for record in records:
-                self._apply(record)
-                changed = True
+        while True:
+            polled = self._reader.poll(timeout_ms=100 if not changed else 0, max_records=10_000)
+            if not polled:
+                break
+            for records in polled.values():
+                for record in records:
+                    self._apply(record)
+                    changed = True
         if changed:
             self._swap()
         return changed
@@ -135,13 +145,17 @@ class BankStore:
             self._entries.pop(key, None)
             return
         try:
-            self._entries[key] = decode(parse(record.value))
+            self._entries[key] = decode(parse(record.value), self.model, self.dim)
         except ValueError as exc:  # a bad record never stops a worker: it is skipped, and said so
             log.error("bank_entry_invalid", key=key, offset=record.offset, error=str(exc)[:500])
 
     def _swap(self) -> BankIndex:
         self._generation += 1
-        index = BankIndex(list(self._entries.values()), self.model, self._generation)
+        try:
+            index = BankIndex(list(self._entries.values()), self.model, self._generation)
+        except Exception:  # never expected (entries are checked as they arrive): keep the last good index
+            log.exception("bank_index_failed", entries=len(self._entries), action="keeping the previous index")
+            return self.current
         self.current = index
         obs.BANK_ENTRIES.clear()
         for bank, count in index.counts.items():

@@ -292,11 +292,9 @@ class BatchStage:
                 Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), sample_rates[i], explained[i])
             )
             obs.DECISIONS.labels(outcome=decision.decision).inc()
-            for t in decision.triggered:
-                if t.match is not None:
-                    obs.BANK_MATCHES.labels(
-                        bank=t.match.bank, kind="negative" if t.match.negative else "positive"
-                    ).inc()
+            matches = {(t.match.bank, t.match.entry, t.match.negative) for t in decision.triggered if t.match}
+            for bank, _, negative in matches:  # once per match (a negative one names several categories)
+                obs.BANK_MATCHES.labels(bank=bank, kind="negative" if negative else "positive").inc()
             obs.EVENT_LATENCY.observe(now - e.received)
             if e2e is not None:
                 obs.END_TO_END.observe(max(0.0, e2e / 1000))

@@ -246,3 +246,67 @@ def test_banks_change_the_version_only_when_a_policy_has_rules() -> None:
     assert with_bank.version() != plain.version()
     assert with_bank.version() != parse_spec(base + "banks: [{name: b, pdq_distance: 20}]\n", "p.yaml").version()
     assert isinstance(plain, PolicySpec) and plain.max_pdq_distance is None and with_bank.max_pdq_distance == 31
+
+
+# --- hash lists and entries as they arrive ---------------------------------------------------------
+H1, H2, H3 = "a" * 64, "b" * 63 + "c", "0123456789abcdef" * 4
+
+
+def test_hash_lists_in_threatexchange_s_forms_are_read() -> None:
+    from moderator.banks.entries import export_hash_list, parse_hash_list
+
+    def parse(text: str):  # type: ignore[no-untyped-def]
+        return parse_hash_list(text, "known", source="csv:test", added_by="t")
+
+    # pdq-photo-hasher: hash,quality,path (a path with spaces becomes the label, the hash the id)
+    plain = parse(f"{H1},100,/photos/a b.jpg\n{H2},30,low.jpg\n{H3},90,c.jpg\n")
+    assert [(e.id, e.label) for e in plain.entries] == [(H1, "/photos/a b.jpg"), ("c.jpg", "")]
+    assert plain.low_quality == 1 and not plain.invalid
+    # its --details form
+    details = parse(f"hash={H1},norm=128,delta=0,quality=100,filename=x.jpg\n")
+    assert [(e.id, e.pdq_quality) for e in details.entries] == [("x.jpg", 100)]
+    # threatexchange dataset --csv: other signal types and FALSE_POSITIVE opinions are not imported
+    te = parse(
+        "signal_type,signal_str,collab,category,tags,id\n"
+        f"pdq,{H1},partner,TRUE_POSITIVE,gun,1\n"
+        f"md5,{'f' * 32},partner,TRUE_POSITIVE,,2\n"
+        f"pdq,{H2},partner,FALSE_POSITIVE,,3\n"
+    )
+    assert [(e.id, e.label) for e in te.entries] == [("1", "partner TRUE_POSITIVE gun")]
+    assert (te.skipped_other_signal, te.false_positive_opinions) == (1, 1)
+    # not a hash: reported with its line number
+    assert parse("pdq nothex\n").invalid[0][0] == 1
+    # the export reads back to the same entries
+    again = parse(export_hash_list(plain.entries))
+
+    def fields(entries):  # type: ignore[no-untyped-def]
+        return [(e.id, e.pdq, e.pdq_quality) for e in entries]
+
+    assert fields(again.entries) == fields(plain.entries)
+
+
+def test_a_bank_record_that_cannot_match_is_refused_not_indexed() -> None:
+    import base64
+
+    from moderator.banks.store import decode
+    from moderator.events import BankEntry
+
+    def entry(vector: np.ndarray | None, pdq: str | None = None, model: str = "m") -> BankEntry:
+        embedding = None if vector is None else base64.b64encode(vector.astype("<f2").tobytes()).decode()
+        dim = None if vector is None else vector.size
+        return BankEntry(bank="b", id="e", pdq=pdq, pdq_quality=None, embedding=embedding, dim=dim, model=model,
+                         source="test", added_by="t", added_at="2026-12-01T00:00:00Z")  # fmt: skip
+
+    unit = np.zeros(8, dtype=np.float32)
+    unit[0] = 1.0
+    assert decode(entry(unit), "m", 8).embedding is not None
+    with pytest.raises(ValueError, match="expected"):
+        decode(entry(unit), "m", 16)  # another dimension than the worker's model
+    with pytest.raises(ValueError, match="normalized"):
+        decode(entry(unit * 5), "m", 8)
+    with pytest.raises(ValueError, match="normalized"):
+        decode(entry(np.full(8, np.nan, dtype=np.float32)), "m", 8)
+    # another model's embedding is dropped: with a PDQ hash the entry still matches by it, without one it is refused
+    assert decode(entry(unit, pdq=H1, model="other"), "m", 8).embedding is None
+    with pytest.raises(ValueError, match="neither"):
+        decode(entry(unit, model="other"), "m", 8)
