@@ -7,12 +7,13 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test unit integration lint demo stack-up stack-down clean
+.PHONY: help setup system-deps test unit integration slow lint demo stack-up stack-down clean
 
 help:
 	@echo "make test    install everything (venv, torch $(TORCH_VERSION), the project, redis-server, Kafka) and run all tests"
 	@echo "make demo    run the main job on a local Kafka + Redis stack"
 	@echo "make unit    unit tests only (no servers);  make lint    ruff and mypy"
+	@echo "make slow    the larger calibration validity run (minutes)"
 
 # System packages: redis-server and a Java runtime for the local stack's Kafka; chromium for the console's UI tests;
 # g++ to build pdqhash (PyPI has no Linux wheel).
@@ -50,6 +51,9 @@ unit: setup
 
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+slow: setup
+	$(BIN)/python -m pytest --slow -m slow $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check moderator tests benchmarks

@@ -1,219 +1,441 @@
-"""Threshold calibration from reviewer verdicts, pure: weighted precision-recall curves, confidence
-bounds, and the thresholds they support (``moderator calibrate`` does the I/O).
+"""Threshold calibration from reviewer verdicts, pure: exact bounds under the sampling design, and the
+thresholds they support (``moderator calibrate`` does the I/O).
 
-Verdicts are not a random sample of traffic: every review decision is judged, allow and flag ones
-only when audit-sampled (at the policy's ``audit`` rates). Each verdict is therefore weighted by the
-inverse of the probability that its decision was judged (``1 / sample_rate`` for audit samples, 1 in
-the review band), which makes every weighted count an unbiased estimate over all traffic
-(Horvitz-Thompson). Without the weights, the review band dominates and the curve is wrong wherever a
-threshold leaves it (tests/unit/test_calibration.py shows by how much).
+**The population.** A calibration is about the decisions of one policy in a window of the embeddings
+log: every one has its score per category (under the policy being calibrated) and the probability,
+recorded by the worker, that it went to review: 1 for review decisions (and flag ones with
+``MODERATOR_REVIEW_INCLUDE_FLAGGED``), its outcome's audit rate for allow and flag decisions (0 where
+there was no audit). Decisions of one outcome and one probability form a **stratum**; within a stratum,
+which decisions went to review was an independent random draw at a known rate (the audit draw). Given
+how many were drawn, they are a simple random sample of the stratum. Verdicts label the drawn ones
+that reviewers judged; drawn ones still waiting for a verdict count as the worst case (for precision:
+not violations; for recall: missed violations), so no assumption is made about which ones a queue
+worked by priority reached first.
 
-Bounds: for a threshold, precision is a weighted proportion of the judged items that score at or
-above it. Its lower bound is the exact binomial (Clopper-Pearson) bound computed on the Kish
-effective sample size ``(Σw)² / Σw²`` (equal weights: exactly Clopper-Pearson; unequal ones: a count
-that shrinks as the weights spread). The same for recall, over the judged positives.
+**Bounds.** For a threshold ``t`` and a stratum: ``N`` decisions score at or above it (an exact count:
+the log has them all), ``n`` of them were drawn, ``k`` were judged violations. The number ``K`` of
+violations among the ``N`` has an exact lower confidence bound from ``k`` of ``n``: the Clopper-Pearson
+bound on ``k / n`` times ``N`` (a binomial bound; for sampling without replacement it is conservative,
+which ``tests/unit/test_calibration.py`` checks exactly against the hypergeometric distribution over a
+grid). A part of a stratum reviewed whole (``n = N``) needs no bound (``K >= k``); a part never drawn
+from (``n = 0``) says nothing (``0 <= K <= N``). Strata combine by Bonferroni: the error level is split
+over the parts sampled in part.
 
-Choosing a threshold is many tests, one per candidate: the thresholds are tested in a fixed
-sequence, from the safest (highest for precision, lowest for recall) on, stopping at the first that
-fails (Learn-then-Test's fixed-sequence procedure), so the chosen threshold misses its target with
-probability at most ``1 - confidence`` despite the scan.
+- precision(t) = K(t) / N(t): lower bound ``Σ K_lower / N(t)``;
+- recall(t) = K(t) / (K(t) + M(t)), ``M`` the violations scoring below ``t``: lower bound
+  ``K_lower / (K_lower + M_upper)``, each bounded per stratum (Bonferroni over both).
+
+Inverse-probability weights with a Kish effective size (this module's first version) do not give such a
+bound: Kish assumes the outcome does not depend on the weight, and here the heavy allow-band samples are
+exactly where precision differs (its simulated coverage fell to 85-90%); nor do weights say anything
+about what was never sampled, where a bound must.
+
+**Choosing** a threshold is a test per candidate: they are tested in a fixed sequence, from the safest on
+(highest for precision, lowest for recall), stopping at the first that fails (Learn-then-Test's
+fixed-sequence procedure: the chosen one misses its target with probability at most 1 - confidence).
+The sequence's start is chosen from counts alone, never from verdicts: for precision, the highest
+threshold at which even all-violation verdicts could pass; for recall, the lowest threshold whose review
+volume stays within ``max_review_share`` of the traffic. The candidates are the scores of the judged
+decisions (where a verdict changes the counts), at most ``MAX_CANDIDATES`` of them.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta, gamma
+from scipy.stats import beta
 
-
-@dataclass(frozen=True)
-class Judged:
-    """One category's judged items: score, truth (a violation of this category), weight, sampled."""
-
-    scores: np.ndarray  # float [N]
-    positive: np.ndarray  # bool [N]
-    weight: np.ndarray  # float [N]: 1 / P(judged)
-    sampled: np.ndarray  # bool [N]: an audit sample (weight > 1 usually)
-
-    def __post_init__(self) -> None:
-        n = len(self.scores)
-        if not (len(self.positive) == len(self.weight) == len(self.sampled) == n):
-            raise ValueError("scores, positive, weight and sampled must have one value per item")
-        if n and (np.any(self.weight <= 0) or not np.all(np.isfinite(self.weight))):
-            raise ValueError("weights must be positive and finite")
-
-    def unweighted(self) -> Judged:
-        return Judged(self.scores, self.positive, np.ones_like(self.weight), self.sampled)
-
-
-@dataclass(frozen=True)
-class Curve:
-    """The weighted precision-recall curve: one point per distinct score, highest threshold first."""
-
-    thresholds: np.ndarray  # distinct scores, descending
-    tp: np.ndarray  # weighted positives scoring >= threshold
-    fp: np.ndarray  # weighted negatives scoring >= threshold
-    positives: float  # weighted positives in all
-    n_eff_above: np.ndarray  # Kish effective count of the items >= threshold
-    n_eff_positives: float  # ... of all positives
-    count_above: np.ndarray  # judged items >= threshold (unweighted)
-    positives_above: np.ndarray  # judged positives >= threshold (unweighted)
-    count_positives: int
-    strata: tuple[Stratum, ...]  # the judged items by sampling weight
-
-    @property
-    def precision(self) -> np.ndarray:
-        above = self.tp + self.fp
-        out: np.ndarray = np.divide(self.tp, above, out=np.ones_like(self.tp), where=above > 0)
-        return out
-
-    @property
-    def recall(self) -> np.ndarray:
-        return self.tp / self.positives if self.positives > 0 else np.zeros_like(self.tp)
-
-
-def curve(j: Judged) -> Curve:
-    order = np.argsort(-j.scores, kind="stable")
-    s, y, w = j.scores[order], j.positive[order], j.weight[order]
-    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)  # the end of each run of a score
-    cum_w, cum_w2 = np.cumsum(w), np.cumsum(w * w)
-    cum_tp = np.cumsum(w * y)
-    cum_n, cum_pos = np.arange(1, len(s) + 1), np.cumsum(y)
-    positives = float(cum_tp[-1]) if len(s) else 0.0
-    pos_w2 = float(np.sum(w * w * y))
-    return Curve(
-        thresholds=s[last], tp=cum_tp[last], fp=(cum_w - cum_tp)[last], positives=positives,
-        n_eff_above=_kish(cum_w[last], cum_w2[last]),
-        n_eff_positives=float(_kish(np.array([positives]), np.array([pos_w2]))[0]),
-        count_above=cum_n[last], positives_above=cum_pos[last], count_positives=int(cum_pos[-1]) if len(s) else 0,
-        strata=tuple(_stratum(s, y, w, weight, last) for weight in np.unique(w)),
-    )  # fmt: skip
+MAX_CANDIDATES = 2000
+PENDING = -1  # a drawn decision without a final verdict (yet)
+SCALES = np.geomspace(1.0, 1000.0, 61)  # how much more sampling "needed" messages consider
 
 
 @dataclass(frozen=True)
 class Stratum:
-    """The judged items of one sampling weight (the review band; each audit rate)."""
+    """Decisions of one outcome that went to review with one probability."""
 
-    weight: float
-    min_score: float
-    positives: int
-    positives_above: np.ndarray  # per threshold of the curve
+    outcome: str
+    probability: float  # 1: all reviewed; 0: none; otherwise the audit rate
 
-
-def _stratum(s: np.ndarray, y: np.ndarray, w: np.ndarray, weight: float, last: np.ndarray) -> Stratum:
-    mine = w == weight
-    return Stratum(float(weight), float(s[mine].min()), int((y & mine).sum()), np.cumsum(y & mine)[last])
+    @property
+    def name(self) -> str:
+        return f"{self.outcome} at {self.probability:g}"
 
 
-def _kish(total: np.ndarray, squares: np.ndarray) -> np.ndarray:
-    out: np.ndarray = np.divide(total * total, squares, out=np.zeros_like(total, dtype=float), where=squares > 0)
+@dataclass(frozen=True)
+class Population:
+    """One category's decisions in the window: score, stratum, drawn for review, and the verdict's label."""
+
+    scores: np.ndarray  # float [N]
+    stratum: np.ndarray  # int [N]: an index into strata
+    strata: tuple[Stratum, ...]
+    selected: np.ndarray  # bool [N]: drawn for review by the design
+    label: np.ndarray  # int8 [N]: 1 a violation, 0 not, PENDING no verdict; PENDING where not selected
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        if not (len(self.stratum) == len(self.selected) == len(self.label) == n):
+            raise ValueError("scores, stratum, selected and label must have one value per decision")
+        if np.any(self.label[~self.selected] != PENDING):
+            raise ValueError("only decisions drawn for review can carry a verdict in the calibration")
+        probability = np.array([s.probability for s in self.strata] or [0.0])[self.stratum] if n else np.zeros(0)
+        if np.any(self.selected & (probability == 0)) or np.any(~self.selected & (probability == 1)):
+            raise ValueError("a stratum of probability 1 is drawn whole, one of probability 0 never")
+
+    @property
+    def judged(self) -> np.ndarray:
+        out: np.ndarray = self.selected & (self.label != PENDING)
+        return out
+
+
+@dataclass(frozen=True)
+class Part:
+    """Per candidate threshold (rows) and stratum (columns), of the decisions on one side of it: how many,
+    how many of them were drawn for review, judged violations, and drawn ones still waiting."""
+
+    population: np.ndarray  # int [T, H]
+    selected: np.ndarray
+    positive: np.ndarray
+    pending: np.ndarray
+
+    @property
+    def judged(self) -> np.ndarray:
+        out: np.ndarray = self.selected - self.pending
+        return out
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.population, self.selected, self.positive, self.pending
+
+    def __add__(self, other: Part) -> Part:
+        return Part(*(a + b for a, b in zip(self.arrays(), other.arrays(), strict=True)))
+
+    def rows(self, index: slice) -> Part:
+        return Part(*(a[index] for a in self.arrays()))
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The decisions scoring at or above each candidate threshold (highest first), and below it."""
+
+    thresholds: np.ndarray  # [T], descending
+    strata: tuple[Stratum, ...]
+    above: Part
+    below: Part
+
+    @property
+    def total(self) -> Part:
+        return self.above + self.below
+
+    def row(self, k: int) -> Counts:
+        """Only the ``k``-th threshold (a what-if about one test need not compute them all)."""
+        one = slice(k, k + 1)
+        return Counts(self.thresholds[one], self.strata, self.above.rows(one), self.below.rows(one))
+
+    @property
+    def share_above(self) -> np.ndarray:
+        """The share of all decisions scoring at or above each threshold (its review-or-flag volume)."""
+        total = self.total.population.sum(axis=1).astype(float)
+        out: np.ndarray = np.divide(self.above.population.sum(axis=1), total, out=np.zeros(len(total)), where=total > 0)
+        return out
+
+
+def candidates(pop: Population, limit: int = MAX_CANDIDATES, decimals: int | None = None) -> np.ndarray:
+    """The thresholds worth testing, descending: the distinct scores of the judged decisions (rounded to
+    ``decimals``, the grid a policy file shows; thinned evenly to ``limit``). Which decisions were
+    judged, not what their verdicts said."""
+    judged = pop.scores[pop.judged]
+    scores = np.unique(judged if decimals is None else np.round(judged, decimals))[::-1]
+    if len(scores) > limit:
+        scores = scores[np.unique(np.linspace(0, len(scores) - 1, limit).round().astype(int))]
+    return scores
+
+
+def counts(pop: Population, thresholds: np.ndarray) -> Counts:
+    t = np.asarray(thresholds, dtype=float)
+    above: list[list[np.ndarray]] = [[], [], [], []]
+    below: list[list[np.ndarray]] = [[], [], [], []]
+    for h in range(len(pop.strata)):
+        mine = pop.stratum == h
+        parts = (mine, mine & pop.selected, mine & (pop.label == 1), mine & pop.selected & (pop.label == PENDING))
+        for j, part in enumerate(parts):
+            s = np.sort(pop.scores[part])
+            at_or_above = len(s) - np.searchsorted(s, t, side="left")
+            above[j].append(at_or_above)
+            below[j].append(len(s) - at_or_above)
+    shape = (len(t), len(pop.strata))
+
+    def stacked(columns: list[list[np.ndarray]]) -> Part:
+        return Part(*(np.stack(c, axis=1) if c else np.zeros(shape, dtype=np.int64) for c in columns))
+
+    return Counts(t, pop.strata, stacked(above), stacked(below))
+
+
+# --- bounds on counts ---------------------------------------------------------------------------------
+def violations_lower(k: np.ndarray, n: np.ndarray, big_n: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
+    """A lower confidence bound (error ``alpha``) on the violations among ``big_n`` decisions, of which a
+    simple random sample of ``n`` holds ``k``: exact when all were judged, none known when none were."""
+    k, n, big_n = (np.asarray(a, dtype=float) for a in (k, n, big_n))
+    a = np.broadcast_to(np.asarray(alpha, dtype=float), k.shape)
+    ok = (k > 0) & (n > 0)
+    p = np.zeros(k.shape)
+    p[ok] = beta.ppf(a[ok], k[ok], n[ok] - k[ok] + 1)
+    bound = np.maximum(k, np.ceil(big_n * np.nan_to_num(p) - 1e-9))
+    out: np.ndarray = np.where(n >= big_n, k, np.where(n > 0, bound, 0.0))
     return out
 
 
-def lower_bound(estimate: np.ndarray | float, n_eff: np.ndarray | float, confidence: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound of a proportion ``estimate`` over ``n_eff`` trials."""
-    p, n = np.broadcast_arrays(np.asarray(estimate, dtype=float), np.asarray(n_eff, dtype=float))
-    successes = p * n
-    out = np.zeros(p.shape)
-    ok = (n > 0) & (successes > 0)
-    out[ok] = beta.ppf(1 - confidence, successes[ok], n[ok] - successes[ok] + 1)
-    return np.nan_to_num(out)
+def violations_upper(k: np.ndarray, n: np.ndarray, big_n: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
+    """An upper confidence bound on the violations among ``big_n``, a sample of ``n`` holding ``k``."""
+    k, n, big_n = (np.asarray(a, dtype=float) for a in (k, n, big_n))
+    a = np.broadcast_to(np.asarray(alpha, dtype=float), k.shape)
+    ok = (k < n) & (n > 0)
+    p = np.ones(k.shape)
+    p[ok] = beta.ppf(1 - a[ok], k[ok] + 1, n[ok] - k[ok])
+    bound = np.minimum(big_n - (n - k), np.floor(big_n * np.nan_to_num(p, nan=1.0) + 1e-9))
+    out: np.ndarray = np.where(n >= big_n, k, np.where(n > 0, bound, big_n))
+    return out
 
 
+def _split(alpha: float, *parts: Part) -> np.ndarray:
+    """Bonferroni: the error level of each bounded part, per threshold (a column vector). Only parts
+    sampled in part are bounded; a part judged whole or never drawn from is exact either way."""
+    m = sum(((p.selected > 0) & (p.selected < p.population)).sum(axis=1) for p in parts)
+    out: np.ndarray = (alpha / np.maximum(m, 1))[:, None]
+    return out
+
+
+def _estimate(p: Part) -> np.ndarray:
+    """Each part's violations estimated from its judged sample (NaN where nothing was judged)."""
+    judged = p.judged
+    out: np.ndarray = np.divide(p.population * p.positive, judged, out=np.full(judged.shape, np.nan), where=judged > 0)
+    return out
+
+
+def precision_bounds(c: Counts, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold: the estimated precision (NaN: nothing judged) and its lower confidence bound.
+    Drawn decisions still waiting count as non-violations in the bound."""
+    a = c.above
+    alpha = _split(1 - confidence, a)
+    found = violations_lower(a.positive, a.selected, a.population, alpha).sum(axis=1)
+    total = a.population.sum(axis=1).astype(float)
+    lower = np.divide(found, total, out=np.zeros(len(total)), where=total > 0)
+    est = _estimate(a)
+    size = np.where(np.isfinite(est), a.population, 0).sum(axis=1)
+    estimate = np.divide(np.nansum(est, axis=1), size, out=np.full(len(size), np.nan), where=size > 0)
+    return estimate, lower
+
+
+def recall_bounds(c: Counts, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold: the estimated recall (NaN: nothing judged) and its lower confidence bound. Drawn
+    decisions still waiting count as non-violations above the threshold and as missed ones below it."""
+    a, b = c.above, c.below
+    alpha = _split(1 - confidence, a, b)
+    found = violations_lower(a.positive, a.selected, a.population, alpha).sum(axis=1)
+    missed = violations_upper(b.positive + b.pending, b.selected, b.population, alpha).sum(axis=1)
+    lower = np.divide(found, found + missed, out=np.zeros(len(found)), where=(found + missed) > 0)
+    f_est, m_est = np.nansum(_estimate(a), axis=1), np.nansum(_estimate(b), axis=1)
+    estimate = np.divide(f_est, f_est + m_est, out=np.full(len(f_est), np.nan), where=(f_est + m_est) > 0)
+    return estimate, lower
+
+
+# --- what-ifs (label-free, or "as observed") ----------------------------------------------------------
+def as_if(c: Counts, precision: float) -> Counts:
+    """The counts as if every drawn decision were judged and ``precision`` of them were violations
+    (counts only, no verdict read: for choosing where a scan starts)."""
+    a = c.above
+    positive = np.floor(a.selected * precision + 1e-9)
+    return dataclasses.replace(c, above=Part(a.population, a.selected, positive, np.zeros_like(a.pending)))
+
+
+def more_sampling(c: Counts, scale: float, strata: np.ndarray | None = None) -> Counts:
+    """The counts as they would be with ``scale`` times the audit rate of the sampled strata (those in
+    ``strata``, default all) and every waiting decision judged, with violations in the proportion
+    observed (in the part; in the stratum where the part has no verdict)."""
+    sampled = np.array([0 < s.probability < 1 for s in c.strata], dtype=bool)
+    if strata is not None:
+        sampled &= strata
+    t = c.total
+    overall = np.divide(t.positive, t.judged, out=np.zeros(t.positive.shape), where=t.judged > 0)
+
+    def grow(p: Part) -> Part:
+        rate = np.divide(p.positive, p.judged, out=overall.astype(float), where=p.judged > 0)
+        n = np.where(sampled, np.minimum(p.population, np.round(p.selected * scale)), p.selected)
+        return Part(p.population, n, np.round(n * rate), np.zeros_like(p.pending))
+
+    return dataclasses.replace(c, above=grow(c.above), below=grow(c.below))
+
+
+def with_disagreement(c: Counts, rate: float) -> Counts:
+    """The counts if ``rate`` of the judged violations were not violations, and as many of the judged
+    non-violations below each threshold were missed ones: how far reviewer disagreement of that rate
+    could move the bounds."""
+    a, b = c.above, c.below
+    above = Part(a.population, a.selected, np.round(a.positive * (1 - rate)), a.pending)
+    below = Part(b.population, b.selected, np.minimum(b.judged, np.round(b.positive + (b.judged - b.positive) * rate)),
+                 b.pending)  # fmt: skip
+    return dataclasses.replace(c, above=above, below=below)
+
+
+# --- proposals ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Proposal:
     """A proposed threshold (None: the verdicts do not support one), and what it rests on."""
 
     threshold: float | None
-    estimate: float | None  # the weighted precision (flag) or recall (review) at it
+    estimate: float | None  # the estimated precision (flag) or recall (review) at it
     lower: float | None  # its lower confidence bound
-    count: int  # judged items it rests on (at or above it, for precision; positives, for recall)
+    count: int  # judged decisions it rests on (at or above it, for precision; violations, for recall)
     reason: str  # why there is no proposal, or ""
-    needed: str  # how many more verdicts of which kind would be needed, or ""
+    needed: str  # what would make one possible, or ""
+    start: float | None = None  # the scan's first threshold (chosen from counts, before any verdict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def propose_flag(c: Curve, target: float, confidence: float, min_samples: int) -> Proposal:
-    """The lowest threshold whose lower bound on precision reaches ``target`` (a fixed sequence from
-    the highest threshold down)."""
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def flag_scan_start(c: Counts, target: float, confidence: float, min_samples: int) -> int | None:
+    """The row the precision scan starts at: the highest threshold with ``min_samples`` judged decisions
+    at or above it at which even all-violation verdicts would pass. Counts only, never labels. (Starting
+    lower, where verdicts of a merely plausible precision would pass, was measured too: it loses the
+    proposals whose target is reached only in a thinly sampled flag band.)"""
+    best = precision_bounds(as_if(c, 1.0), confidence)[1]
+    eligible = (c.above.judged.sum(axis=1) >= min_samples) & (best >= target)
+    return int(np.argmax(eligible)) if eligible.any() else None
+
+
+def propose_flag(c: Counts, target: float, confidence: float, min_samples: int) -> Proposal:
+    """The lowest threshold whose lower bound on precision reaches ``target``: a fixed sequence down from
+    :func:`flag_scan_start`, stopping at the first that fails."""
     if len(c.thresholds) == 0:
         return Proposal(None, None, None, 0, "no verdicts", f"at least {min_samples} verdicts")
-    lower = lower_bound(c.precision, c.n_eff_above, confidence)
-    # Candidates rest on at least min_samples verdicts (a rule on scores, not on verdicts). The sequence
-    # starts at the first candidate that passes (above it, too few verdicts for the bound) and stops at
-    # the first that fails after it.
-    ok = (lower >= target) & (c.count_above >= min_samples)
-    if ok.any():
-        first = int(np.argmax(ok))
-        run = np.logical_and.accumulate(ok[first:])
-        k = first + int(np.flatnonzero(run)[-1])
-        return Proposal(float(c.thresholds[k]), float(c.precision[k]), float(lower[k]), int(c.count_above[k]), "", "")
-    # None passed: say what would make the most promising threshold pass.
-    best = int(np.argmax(np.where(c.precision > target, c.n_eff_above, -1)))
-    p = float(c.precision[best])
-    at = float(c.thresholds[best])
-    if p <= target:
-        return Proposal(None, float(c.precision.max()), None, int(c.count_above[0]),
-                        f"no threshold reaches precision {target} even as an estimate (best {c.precision.max():.3f})",
-                        "more verdicts cannot fix this: its texts do not separate it (see the hints)")  # fmt: skip
-    more = _more_needed(p, float(c.n_eff_above[best]), target, confidence)
-    have = int(c.count_above[best])
-    reason = (f"{have} verdicts score >= {at:.3f} (precision {p:.3f}); their lower bound "
-              f"{float(lower[best]):.3f} < {target}")  # fmt: skip
-    if have < min_samples:
-        more = max(more, min_samples - have)
-    return Proposal(None, p, float(lower[best]), have, reason,
-                    f"about {more} more verdicts of images scoring >= {at:.3f}")  # fmt: skip
+    estimate, lower = precision_bounds(c, confidence)
+    judged = c.above.judged.sum(axis=1)
+    first = flag_scan_start(c, target, confidence, min_samples)
+    start = None if first is None else float(c.thresholds[first])
+    if first is not None:
+        run = np.logical_and.accumulate(lower[first:] >= target)
+        if run[0]:
+            k = first + int(np.flatnonzero(run)[-1])
+            return Proposal(float(c.thresholds[k]), _num(estimate[k]), float(lower[k]), int(judged[k]), "", "", start)
+    # Nothing passed: say what would make the most promising threshold pass.
+    promising = np.nan_to_num(estimate, nan=-1.0) > target
+    if not promising.any():
+        best = float(np.nanmax(estimate)) if np.isfinite(estimate).any() else 0.0
+        return Proposal(None, _num(best), None, int(judged[-1]),
+                        f"no threshold reaches precision {target} even as an estimate (best {best:.3f})",
+                        "more verdicts cannot fix this: its texts do not separate it (see the hints)",
+                        start)  # fmt: skip
+    at = first if first is not None and promising[first] else int(np.argmax(np.where(promising, judged, -1)))
+    t = float(c.thresholds[at])
+    reason = (f"{int(judged[at])} verdicts on decisions scoring >= {t:.3f} (precision {estimate[at]:.3f}): "
+              f"lower bound {lower[at]:.3f} < {target}")  # fmt: skip
+    if judged[at] < min_samples:
+        reason += f" (fewer than --min-samples {min_samples})"
+    needed = _needed(c.row(at), lambda cc: precision_bounds(cc, confidence)[1][0] >= target, above_only=True)
+    return Proposal(None, _num(estimate[at]), float(lower[at]), int(judged[at]), reason, needed, start)
 
 
-def propose_review(c: Curve, target: float, confidence: float, min_samples: int) -> Proposal:
-    """The highest threshold whose lower bound on recall reaches ``target`` (fixed sequence from
-    the lowest threshold up)."""
-    if c.count_positives < min_samples:
-        return Proposal(None, None, None, c.count_positives,
-                        f"{c.count_positives} confirmed violations judged (at least {min_samples} needed)",
-                        f"{min_samples - c.count_positives} more confirmed violations")  # fmt: skip
-    recall = c.recall
-    lower = recall_lower_bound(c, confidence)
-    ascending = lower[::-1] >= target
-    passed = np.flatnonzero(np.logical_and.accumulate(ascending))
-    if len(passed):
-        k = len(lower) - 1 - int(passed[-1])
-        return Proposal(float(c.thresholds[k]), float(recall[k]), float(lower[k]), c.count_positives, "", "")
-    full = float(lower[-1])
-    more = _more_needed(1.0, c.n_eff_positives, target, confidence)
-    return Proposal(None, float(recall[-1]), full, c.count_positives,
-                    f"even the lowest threshold's recall bound is {full:.3f} < {target}",
-                    f"about {more} more confirmed violations")  # fmt: skip
+def review_scan_start(c: Counts, max_review_share: float) -> int | None:
+    """The row the recall scan starts at: the lowest threshold whose decisions at or above it are at most
+    ``max_review_share`` of the traffic (review volume is what recall costs). Counts only."""
+    allowed = np.flatnonzero(c.share_above <= max_review_share + 1e-12)
+    return int(allowed[-1]) if len(allowed) else None
 
 
-def recall_lower_bound(c: Curve, confidence: float) -> np.ndarray:
-    """Per threshold, a lower bound on recall = found / (found + missed), with the missed positives
-    (those scoring below the threshold) bounded above per sampling stratum (one weight each): each
-    stratum's missed count as a Poisson count (its exact upper bound, Bonferroni over the strata),
-    times its weight. Below a low threshold the missed positives are a few heavily weighted audit
-    samples, or none seen at all: it is their number that makes the estimate uncertain."""
-    strata = c.strata
-    level = 1 - (1 - confidence) / max(len(strata), 1)
-    upper = np.zeros_like(c.tp)
-    for h in strata:
-        k = h.positives - h.positives_above  # its positives scoring below each threshold
-        upper += np.where(h.min_score < c.thresholds, h.weight * gamma.ppf(level, k + 1), 0.0)
-    found = c.tp
-    out: np.ndarray = np.divide(found, found + upper, out=np.zeros_like(found), where=(found + upper) > 0)
-    return out
+def propose_review(
+    c: Counts, target: float, confidence: float, min_samples: int, max_review_share: float = 0.5
+) -> Proposal:
+    """The highest threshold whose lower bound on recall reaches ``target``: a fixed sequence up from
+    :func:`review_scan_start`, stopping at the first that fails."""
+    positives = int(c.total.positive[0].sum()) if len(c.thresholds) else 0
+    if positives < min_samples:
+        return Proposal(None, None, None, positives,
+                        f"{positives} confirmed violations judged (at least {min_samples} needed)",
+                        f"{min_samples - positives} more confirmed violations")  # fmt: skip
+    estimate, lower = recall_bounds(c, confidence)
+    first = review_scan_start(c, max_review_share)
+    if first is None:
+        return Proposal(None, None, None, positives, f"every threshold sends more than {max_review_share:.0%} of "
+                        "the traffic to review (--max-review-share)", "")  # fmt: skip
+    start = float(c.thresholds[first])
+    run = np.logical_and.accumulate(lower[first::-1] >= target)  # from the start upwards
+    if run[0]:
+        k = first - int(np.flatnonzero(run)[-1])
+        return Proposal(float(c.thresholds[k]), _num(estimate[k]), float(lower[k]), positives, "", "", start)
+    reason = (f"at {start:.3f} (the lowest threshold within --max-review-share {max_review_share:g}) the recall "
+              f"bound is {lower[first]:.3f} < {target}")  # fmt: skip
+    needed = _needed(c.row(first), lambda cc: recall_bounds(cc, confidence)[1][0] >= target, above_only=False)
+    return Proposal(None, _num(estimate[first]), float(lower[first]), positives, reason, needed, start)
 
 
-def _more_needed(p: float, n_eff: float, target: float, confidence: float) -> int:
-    """How many more (effective) verdicts at the observed proportion ``p`` bring its bound to ``target``."""
-    if p <= target:
-        return 0
-    n = max(n_eff, 1.0)
-    while n < 1e7 and lower_bound(p, n, confidence)[()] < target:
-        n *= 1.25
-    return max(1, math.ceil(n - n_eff))
+def _needed(c: Counts, passes: Any, above_only: bool) -> str:
+    """What would make the test of the one threshold in ``c`` pass, judged by the same bound that failed:
+    judging what waits, a higher audit rate of the sampled strata, and the strata never sampled."""
+    row = 0
+    t = float(c.thresholds[row])
+    where = f" scoring >= {t:.3f}" if above_only else ""
+    part = c.above if above_only else c.total
+    big_n, n, pending = part.population[row], part.selected[row], int(part.pending[row].sum())
+    parts: list[str] = []
+    if pending:
+        parts.append(f"judge the {pending} drawn decisions{where} still waiting for a verdict")
+    never = [(s, int(big_n[h])) for h, s in enumerate(c.strata) if s.probability == 0 and big_n[h] > 0]
+    for s, size in never:
+        parts.append(f"{size} {s.outcome} decisions{where} were never sampled for review and cannot be bounded: "
+                     f"set the policy's audit.{s.outcome} rate")  # fmt: skip
+    if never:
+        return "; ".join(parts)
+    # The smallest growth in verdicts that passes: more audit samples of one sampled stratum, or of all.
+    sampled = [h for h, s in enumerate(c.strata) if 0 < s.probability < 1 and n[h]]
+    options = [np.eye(len(c.strata), dtype=bool)[h] for h in sampled] + ([np.ones(len(c.strata), dtype=bool)]
+                                                                         if len(sampled) > 1 else [])  # fmt: skip
+    best: tuple[int, float, np.ndarray] | None = None
+    for which in options:
+        scale = _smallest_scale(lambda f, w=which: passes(more_sampling(c, f, w)))
+        if scale is None:
+            continue
+        grown = more_sampling(c, scale, which).above if above_only else more_sampling(c, scale, which).total
+        extra = int((grown.selected[row] - n).sum())
+        if best is None or extra < best[0]:
+            best = (extra, scale, which)
+    if best is None:
+        parts.append("no audit rate would do: even reviewing every decision leaves the estimate short of the target")
+    elif best[1] > 1.0:
+        extra, scale, which = best
+        rates = [f"{c.strata[h].outcome} decisions at about {min(1.0, c.strata[h].probability * scale):.3g} instead "
+                 f"of {c.strata[h].probability:g}" for h in sampled if which[h]]  # fmt: skip
+        parts.append(f"audit {' and '.join(rates)} (about {max(1, extra)} more verdicts{where})")
+    return "; ".join(parts)
+
+
+def _smallest_scale(passes: Any) -> float | None:
+    """The smallest of ``SCALES`` at which ``passes`` (bisection: more sampling never hurts a bound much)."""
+    if not passes(float(SCALES[-1])):
+        return None
+    lo, hi = -1, len(SCALES) - 1  # passes(SCALES[hi]); lo: not known to pass
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(float(SCALES[mid])):
+            hi = mid
+        else:
+            lo = mid
+    return float(SCALES[hi])
+
+
+# --- agreement between reviewers ------------------------------------------------------------------------
+def cohens_kappa(first: np.ndarray, second: np.ndarray) -> float | None:
+    """Cohen's kappa of two reviewers' yes/no labels of the same items (None: no pairs, or no variation)."""
+    a, b = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if len(a) == 0:
+        return None
+    observed = float(np.mean(a == b))
+    pa, pb = float(a.mean()), float(b.mean())
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    return None if chance >= 1.0 else (observed - chance) / (1 - chance)

@@ -148,12 +148,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from moderator.calibrate import CalibrateError, Options, run_calibrate, summary_rows
 
+    def when(text: str | None, flag: str) -> datetime | None:
+        if text is None:
+            return None
+        try:
+            t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise CalibrateError(f"{flag} {text!r}: expected an ISO 8601 time, e.g. 2026-12-01T00:00:00Z") from None
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    opts = Options(
-        policy=args.policy, policy_file=Path(args.policy_file) if args.policy_file else None,
-        target_precision=args.target_precision, target_recall=args.target_recall, min_samples=args.min_samples,
-        confidence=args.confidence, out=Path(args.out) if args.out else Path("calibration") / f"{args.policy}-{stamp}",
-    )  # fmt: skip
+    try:
+        opts = Options(
+            policy=args.policy, policy_file=Path(args.policy_file) if args.policy_file else None,
+            target_precision=args.target_precision, target_recall=args.target_recall, min_samples=args.min_samples,
+            confidence=args.confidence, joint=args.joint, max_review_share=args.max_review_share,
+            since=when(args.since, "--since"), until=when(args.until, "--until"),
+            holdout_after=when(args.holdout_after, "--holdout-after"),
+            out=Path(args.out) if args.out else Path("calibration") / f"{args.policy}-{stamp}",
+        )  # fmt: skip
+    except CalibrateError as exc:
+        print(f"moderator calibrate: {exc}", file=sys.stderr)
+        return 2
     try:
         report = run_calibrate(_app(args), opts)
     except CalibrateError as exc:
@@ -164,7 +180,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     print(terminal.table(summary_rows(report), ["category", "threshold", "target", "current", "proposed", "estimate",
                                                 "lower_bound", "verdicts", "why_not"]))  # fmt: skip
-    print(f"\n{report['verdicts']} verdicts; report, plots and the proposal in {opts.out}/")
+    print(
+        f"\n{report['window']['decisions']} decisions, {report['verdicts']} verdicts; report, plots and the "
+        f"proposal in {opts.out}/"
+    )
+    print(f"guarantee: {report['guarantee']}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     if report["proposed_file"]:
@@ -435,6 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, help="of flag-or-review (default: each category's target)")
     p.add_argument("--min-samples", type=int, default=30, help="fewest verdicts a threshold may rest on")
     p.add_argument("--confidence", type=float, default=0.95, help="of the lower bounds (default 0.95)")
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="the confidence holds for all proposals together (Bonferroni), not for each one",
+    )
+    p.add_argument(
+        "--max-review-share",
+        type=float,
+        default=0.5,
+        help="no review threshold that sends more than this share of the traffic to review (default 0.5)",
+    )
+    p.add_argument("--since", help="only decisions made at or after this time (ISO 8601)")
+    p.add_argument("--until", help="only decisions made before this time (e.g. to leave out a queue not yet worked)")
+    p.add_argument("--holdout-after", help="choose on the decisions before this time, measure on those after it")
     p.add_argument("--out", help="the report's directory (default: calibration/<policy>-<time>)")
     p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
     p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +21,12 @@ from moderator.errors import ReasonError
 Outcome = Literal["flag", "review", "allow"]
 # The image tower's precision (MODERATOR_DTYPE as it resolved on the device, after the agreement gate).
 ImagePrecision = Literal["float32", "bfloat16", "float16", "int8"]
+REVIEW_PROBABILITY_DOC = (
+    "the probability, by the policy's design, that this decision went to review: 1 for review decisions (and flag"
+    " ones with MODERATOR_REVIEW_INCLUDE_FLAGGED), its outcome's audit rate otherwise (0: none); null in records"
+    " written before it was recorded. `moderator calibrate` bounds its estimates with it"
+)
+SAMPLED_DOC = "it went to review as an audit sample: drawn at review_probability (fixed by the event id)"
 IMAGE_PRECISION_DOC = (
     "the image tower's precision (float32, bfloat16, float16 or int8): the embedding, hence the scores, depend"
     " on it; records written before this field existed read as float32"
@@ -45,7 +52,9 @@ class BankMatch(_Record):
     negative: bool = Field(False, description="a known-benign image: its categories' rules are suppressed")
     pdq_distance: int | None = Field(None, description="Hamming distance of the PDQ hashes (of 256 bits)")
     pdq_max: int | None = Field(None, description="the rule's largest distance that matches")
-    variant: str | None = Field(None, description="which rotation or mirror of the bank image matched")
+    variant: str | None = Field(
+        None, description="the rotation or mirror of the upload that matches the bank image (ThreatExchange's names)"
+    )
     cosine: float | None = Field(None, description="cosine similarity of the CLIP embeddings")
     cosine_min: float | None = Field(None, description="the rule's smallest similarity that matches")
 
@@ -228,6 +237,9 @@ class DecisionRecord(Decision):
     source: Source
     timings: Timings
     decided_at: str = Field(description="ISO 8601, UTC")
+    review_probability: float | None = Field(None, ge=0.0, le=1.0, description=REVIEW_PROBABILITY_DOC)
+    sampled: bool = Field(False, description=SAMPLED_DOC)
+    image_sha256: str | None = Field(None, description="of the image bytes the decision judged")
 
 
 class ImageRef(_Record):
@@ -259,8 +271,9 @@ class ReviewItem(_Record):
     """What the review topic carries: what a reviewer's tool needs (key = event id).
 
     ``sampled`` items are audit samples: allow or flag decisions chosen at random at ``sample_rate``
-    (the policy's ``audit``), so that verdicts also measure what the review band never sees. Weight
-    a sampled verdict by ``1 / sample_rate`` to estimate over all traffic.
+    (the policy's ``audit``), so that verdicts also measure what the review band never sees. The
+    item's identity is the event id *and* the image's sha256 (``handle``): an id re-used for other
+    bytes is another item, and a verdict names the bytes it judged.
     """
 
     event_id: str
@@ -281,6 +294,19 @@ class ReviewItem(_Record):
     retroactive: bool = Field(
         False, description="found after its decision by `moderator bank scan`: it matches an entry added later"
     )
+    second_review: bool = Field(
+        False, description="drawn for a second, independent verdict by another reviewer (the policy's double_review)"
+    )
+
+    @property
+    def handle(self) -> str:
+        """The item's opaque name (URLs, caches, leases): its event id and image, hashed."""
+        return item_handle(self.event_id, self.image.sha256)
+
+
+def item_handle(event_id: str, sha256: str | None) -> str:
+    """An item's identity as one URL-safe name: (event id, image sha256), hashed."""
+    return hashlib.sha256(f"{event_id}\x00{sha256 or ''}".encode()).hexdigest()[:32]
 
 
 VerdictKind = Literal["confirm", "overturn", "escalate"]
@@ -301,8 +327,25 @@ class Verdict(_Record):
     judged: Decision = Field(description="the decision this verdict judges")
     sampled: bool = False
     sample_rate: float | None = None
+    retroactive: bool = Field(False, description="it judges a retroactive review item (a bank scan's finding)")
+    image_sha256: str | None = Field(
+        None, description="the sha256 of the image judged: the bytes the worker scored (null in older records)"
+    )
+    second_opinion: bool = Field(
+        False, description="a second reviewer's independent verdict (double review): it never replaces the first"
+    )
     decided_at: str = Field(description="when the judged decision was made")
     reviewed_at: str
+
+    @property
+    def handle(self) -> str:
+        return item_handle(self.event_id, self.image_sha256)
+
+    @property
+    def key(self) -> str:
+        """Its key on the verdicts topic (compacted: the latest revision per key): the event id and the
+        image judged, and whose opinion. Another image under the same id keeps its own verdict."""
+        return f"{self.event_id}@{self.image_sha256 or ''}" + ("#second" if self.second_opinion else "")
 
 
 EmbeddingDtype = Literal["float16", "float32"]
@@ -328,6 +371,8 @@ class EmbeddingRecord(_Record):
     pdq: str | None = Field(None, description="the image's PDQ hash, 64 hex characters (when the worker hashes)")
     pdq_quality: int | None = None
     image: ImageRef | None = Field(None, description="where the image is (for a retroactive review item)")
+    review_probability: float | None = Field(None, ge=0.0, le=1.0, description=REVIEW_PROBABILITY_DOC)
+    sampled: bool = Field(False, description=SAMPLED_DOC)
 
 
 class ShadowDecisionRecord(_Record):

@@ -53,6 +53,10 @@ class LoggedEvents:
     live: list[dict[str, Any]]  # the live decision stored with each (outcome, scores, triggered, policy)
     dtype: str  # how the vectors were stored (the widest seen)
     pdq: list[str | None]  # each image's PDQ hash (when its worker hashed it)
+    decided_at: list[str]
+    image_sha256: list[str | None]  # of the bytes scored (None: not recorded)
+    review_probability: list[float | None]  # by the policy's design (None: written before it was recorded)
+    sampled: list[bool]  # went to review as an audit sample
     values: list[bytes]  # the records as read, with keep_values (``bank scan`` re-reads the ones it reports)
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
@@ -89,6 +93,10 @@ def read_log(
     rows: dict[tuple[str, int], list[int]] = {}
     live: list[dict[str, Any]] = []
     pdq: list[str | None] = []
+    decided_at: list[str] = []
+    sha: list[str | None] = []
+    probability: list[float | None] = []
+    sampled: list[bool] = []
     values: list[bytes] = []
     skipped = skipped_precision = 0
     for value in latest.values():
@@ -105,6 +113,10 @@ def read_log(
         ids.append(r["event_id"])
         live.append(r["live"])
         pdq.append(r.get("pdq") if (r.get("pdq_quality") or 0) >= MIN_QUALITY else None)
+        decided_at.append(r["decided_at"])
+        sha.append((r.get("image") or {}).get("sha256") or None)
+        probability.append(r.get("review_probability"))
+        sampled.append(bool(r.get("sampled")))
         if keep_values:
             values.append(value)
     t2 = time.perf_counter()
@@ -121,31 +133,50 @@ def read_log(
             out[rows[key]] = decode_vectors(texts, key[0], dim)
     dtype = "float16" if any(k[0] == "float16" for k in vectors) else "float32"
     seconds = {"read": t1 - t0, "parse": t2 - t1, "decode": time.perf_counter() - t2}
-    return LoggedEvents(ids, out, live, dtype, pdq, values, read, skipped, skipped_precision,
-                        {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
+    return LoggedEvents(ids, out, live, dtype, pdq, decided_at, sha, probability, sampled, values, read, skipped,
+                        skipped_precision, {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
 
 
-def read_verdicts(app: App) -> dict[str, Verdict]:
-    """The current verdict of every judged event (the latest revision); empty without a verdicts topic."""
-    current: dict[str, Verdict] = {}
+@dataclass
+class Verdicts:
+    """The verdicts topic as read: the current verdict (latest revision) per judged image, i.e. per
+    (event id, image sha256), and the second opinions of double review apart."""
+
+    current: dict[tuple[str, str | None], Verdict]
+    second: dict[tuple[str, str | None], Verdict]
+
+    def of(self, event_id: str, sha256: str | None) -> Verdict | None:
+        """The current verdict on these bytes under this id (one that names no image, written before
+        verdicts carried the hash, counts for the id)."""
+        return self.current.get((event_id, sha256)) or self.current.get((event_id, None))
+
+    def second_of(self, event_id: str, sha256: str | None) -> Verdict | None:
+        return self.second.get((event_id, sha256))
+
+
+def read_verdicts(app: App) -> Verdicts:
+    """Every current verdict; empty without a verdicts topic."""
+    out = Verdicts({}, {})
 
     def apply(record: Any) -> None:
         if record.value is None:
             return
         verdict = Verdict.model_validate_json(record.value)
-        known = current.get(verdict.event_id)
+        into = out.second if verdict.second_opinion else out.current
+        key = (verdict.event_id, verdict.image_sha256)
+        known = into.get(key)
         if known is None or verdict.revision >= known.revision:
-            current[verdict.event_id] = verdict
+            into[key] = verdict
 
     try:
         reader = app.reader(["verdicts"])
     except TopicError:
-        return {}
+        return out
     try:
         read_to_end(reader, apply)
     finally:
         reader.close(autocommit=False)
-    return current
+    return out
 
 
 def storage_tolerance(logit_scale: float, dim: int, dtype: str) -> float:
@@ -237,7 +268,9 @@ def run_replay(
             base = stored_side([logged.live[i] for i in rows], categories)
         per_policy[name] = compare([logged.ids[i] for i in rows], base, cand, unstable=unstable, tolerance=tol)
         judged = [
-            (k, v) for k, i in enumerate(rows) if (v := verdicts.get(logged.ids[i])) and v.verdict in FINAL_VERDICTS
+            (k, v)
+            for k, i in enumerate(rows)
+            if (v := verdicts.of(logged.ids[i], logged.image_sha256[i])) and v.verdict in FINAL_VERDICTS
         ]
         if judged:
             at = np.array([k for k, _ in judged])

@@ -15,7 +15,8 @@ at the end), ``redis_client`` (keys under ``redis_key_prefix`` are deleted at th
 ``settings_factory`` (a :class:`moderator.config.Settings` pointing at the test services).
 
 Everything under ``tests/integration`` is marked ``integration``: ``pytest -m "not integration"``
-runs the unit tests alone.
+runs the unit tests alone. Tests marked ``slow`` (larger simulation runs) are skipped unless
+``--slow`` is given (``make slow``).
 """
 
 from __future__ import annotations
@@ -47,10 +48,17 @@ pytest_plugins = ["tests.model_fixtures"]
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (larger simulations)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.skip(reason="a larger run: give --slow")
     for item in items:
         if INTEGRATION_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(slow)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def _add_from_verdicts(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     app = App(settings)
-    confirmed = [v for v in read_verdicts(app).values() if v.verdict == "confirm"
+    confirmed = [v for v in read_verdicts(app).current.values() if v.verdict == "confirm"
                  and (not args.category or set(args.category) & set(v.categories))
                  and (not args.since or v.reviewed_at >= args.since)]  # fmt: skip
     wanted = {v.event_id for v in confirmed}
@@ -100,7 +100,8 @@ def _add_from_verdicts(args: argparse.Namespace) -> int:
     author = _author(args.author)
     entries = [e for v in confirmed if (e := from_verdict(args.name, v, logged.get(v.event_id), added_by=author))]
     publish(settings, entries)
-    out = {"confirmed_verdicts": len(confirmed), "added": len(entries), "not_in_log": len(confirmed) - len(entries),
+    out = {"confirmed_verdicts": len(confirmed), "added": len(entries),
+           "not_in_log_or_another_image": len(confirmed) - len(entries),
            "with_pdq": sum(e.pdq is not None for e in entries)}  # fmt: skip
     terminal.emit([out], list(out), as_json=terminal.wants_json(args.json))
     return 0

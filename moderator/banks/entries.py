@@ -169,8 +169,12 @@ def export_hash_list(entries: Sequence[BankEntry]) -> str:
 
 def from_verdict(bank: str, verdict: Verdict, logged: EmbeddingRecord | None, *, added_by: str) -> BankEntry | None:
     """An entry for a confirmed event, from what the embeddings log kept of it: its PDQ hash and
-    embedding (None when the event is not in the log)."""
+    embedding (None when the event is not in the log, or the log's record is of other bytes than the
+    verdict judged: the id was re-used for another image)."""
     if logged is None:
+        return None
+    logged_sha = logged.image.sha256 if logged.image is not None else None
+    if verdict.image_sha256 and logged_sha and verdict.image_sha256 != logged_sha:
         return None
     usable = logged.pdq is not None and (logged.pdq_quality or 0) >= MIN_QUALITY
     embedding = logged.vector

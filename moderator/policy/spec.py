@@ -107,10 +107,11 @@ class BankRule(_Strict):
         return self.category or self.name
 
 
-def audit_draw(event_id: str) -> float:
-    """A uniform number in [0, 1) fixed by the event id: an event is sampled when it is below the
-    rate, so the same event (a replay, a re-delivery) is sampled the same way every time."""
-    digest = hashlib.sha256(b"moderator-audit:" + event_id.encode()).digest()
+def audit_draw(event_id: str, purpose: str = "audit") -> float:
+    """A uniform number in [0, 1) fixed by the event id (and ``purpose``: the audit draw, the double
+    review draw): an event is drawn when it is below the rate, so the same event (a replay, a
+    re-delivery) is drawn the same way every time, and the draws of two purposes are independent."""
+    digest = hashlib.sha256(f"moderator-{purpose}:".encode() + event_id.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -121,6 +122,10 @@ class PolicySpec(_Strict):
     model: str | None = Field(None, description="pin: only a worker serving this checkpoint may load it")
     default: bool = Field(False, description="decides events that name no policy (MODERATOR_DEFAULT_POLICY wins)")
     audit: Audit | None = Field(None, description="audit sampling rates of allow and flag decisions")
+    double_review: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="the share of review items that also get a second reviewer's independent verdict (agreement)",
+    )  # fmt: skip
     shadow_of: str | None = Field(
         None,
         pattern=NAME_RE,
@@ -179,12 +184,12 @@ class PolicySpec(_Strict):
     def version(self) -> str:
         """Content hash of the normalized form: comments, key order and layout do not change it.
 
-        ``default``, ``shadow_of`` and ``audit`` are left out: they say which events the policy serves
-        and which of its decisions are also sampled for review, not how it decides them; nor are the
-        categories' calibration ``target``s. ``banks`` counts when it has rules (so policies without
+        ``default``, ``shadow_of``, ``audit`` and ``double_review`` are left out: they say which events
+        the policy serves and which of its decisions are also sampled for review, not how it decides
+        them; nor are the categories' calibration ``target``s. ``banks`` counts when it has rules (so policies without
         any keep the versions they had before banks).
         """
-        exclude: dict[str, Any] = {"default": True, "shadow_of": True, "audit": True,
+        exclude: dict[str, Any] = {"default": True, "shadow_of": True, "audit": True, "double_review": True,
                                    "categories": {"__all__": {"target"}}}  # fmt: skip
         if not self.banks:
             exclude["banks"] = True

@@ -66,6 +66,23 @@ class Event:
 
 
 @dataclass(frozen=True)
+class ReviewDraw:
+    """How one decision meets the review queue, by its policy's design (recorded on its records:
+    ``moderator calibrate`` bounds its estimates with it)."""
+
+    probability: float  # that it goes to review: 1 (review decisions; flags with include_flagged), an audit rate, 0
+    sampled: bool = False  # drawn as an audit sample (at ``probability``)
+    second: bool = False  # drawn for a second reviewer's independent verdict (the policy's double_review)
+
+    @property
+    def goes(self) -> bool:
+        return self.probability >= 1.0 or self.sampled
+
+
+NO_REVIEW = ReviewDraw(0.0)
+
+
+@dataclass(frozen=True)
 class Decided:
     """One event's results from its batch: what its outputs are built from."""
 
@@ -75,7 +92,7 @@ class Decided:
     decided_at: str
     embedding: np.ndarray | None  # its row of the batch's embeddings, as stored (None: the log is off)
     shadows: tuple[Decision, ...] = ()  # the live policy's shadow policies' decisions
-    sample_rate: float | None = None  # set: an audit sample of an allow or flag decision, at this rate
+    review: ReviewDraw = NO_REVIEW  # how it meets the review queue (probability, audit sample, second review)
     explanation: tuple[CategoryExplanation, ...] = ()  # for the review feed: the closest texts per category
 
 

@@ -1,7 +1,7 @@
 """The worker's outputs: building each event's records, and sending them so that none is lost.
 
 :class:`Outputs` turns a decided (or failed) event into its records: a decision, plus a review item
-for ``review`` decisions (and ``flag`` ones with ``review_include_flagged``); or one dead letter.
+for the decisions that go to review by the policy's design (:func:`review_draw`); or one dead letter.
 Topic names come from the registry (``moderator/topics.py``) through the settings.
 
 :class:`Publisher` hands an event's records to the producer, all keyed by the event id, and tells
@@ -25,7 +25,6 @@ from moderator import observability as obs
 from moderator.config import Settings
 from moderator.events import (
     DeadLetter,
-    Decision,
     DecisionRecord,
     EmbeddingRecord,
     ReviewItem,
@@ -35,18 +34,24 @@ from moderator.events import (
     review_priority,
     utc_now,
 )
+from moderator.policy import PolicySpec, audit_draw
 from moderator.worker.checkpoint import Checkpoint, Receipt
-from moderator.worker.event import Decided, Event
+from moderator.worker.event import Decided, Event, ReviewDraw
 
 log = obs.get_logger(__name__)
 
 
-def goes_to_review(decision: Decision | None, sample_rate: float | None, include_flagged: bool) -> bool:
-    """Whether a decision feeds the review topic: review decisions, audit samples, and flag decisions
-    with ``MODERATOR_REVIEW_INCLUDE_FLAGGED``."""
-    if decision is None:
-        return False
-    return decision.decision == "review" or sample_rate is not None or (decision.decision == "flag" and include_flagged)
+def review_draw(event_id: str, outcome: str, spec: PolicySpec, include_flagged: bool) -> ReviewDraw:
+    """Review decisions (and flag ones with ``MODERATOR_REVIEW_INCLUDE_FLAGGED``) all go to review; allow
+    and flag ones at their audit rate, drawn by the event id (a flag that goes anyway is no sample)."""
+    if outcome == "review" or (outcome == "flag" and include_flagged):
+        draw = ReviewDraw(1.0)
+    else:
+        rate = spec.audit.rate(outcome) if spec.audit is not None else 0.0
+        draw = ReviewDraw(rate, sampled=rate > 0 and audit_draw(event_id) < rate)
+    if draw.goes and spec.double_review > 0 and audit_draw(event_id, "double-review") < spec.double_review:
+        draw = ReviewDraw(draw.probability, draw.sampled, second=True)
+    return draw
 
 
 @dataclass(frozen=True)
@@ -65,25 +70,26 @@ class Outputs:
         self.embeddings = settings.topic("embeddings")
         self.shadow_decisions = settings.topic("shadow_decisions")
         self.embeddings_dtype = settings.embeddings_dtype
-        self.review_include_flagged = settings.review_include_flagged
         self.dead_letter_max_original_bytes = settings.dead_letter_max_original_bytes
 
     def decided(self, result: Decided) -> list[OutRecord]:
         """The decision; a review item for review decisions (and flag ones, if so configured); the
         embedding with the live decision (when the log is on); one record per shadow decision."""
-        e, d, decided_at = result.event, result.decision, result.decided_at
+        e, d, decided_at, draw = result.event, result.decision, result.decided_at, result.review
         assert e.parsed is not None
         record = DecisionRecord(**d.model_dump(), event_id=e.parsed.id, metadata=e.parsed.metadata,
-                                source=e.source, timings=result.timings, decided_at=decided_at)  # fmt: skip
+                                source=e.source, timings=result.timings, decided_at=decided_at,
+                                review_probability=draw.probability, sampled=draw.sampled,
+                                image_sha256=e.image_sha256 or None)  # fmt: skip
         out = [OutRecord(self.decisions, record.model_dump_json().encode())]
-        if goes_to_review(d, result.sample_rate, self.review_include_flagged):
+        if draw.goes:
             item = ReviewItem(
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
                 image=e.image,
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
                 image_precision=d.image_precision, metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
-                sampled=result.sample_rate is not None, sample_rate=result.sample_rate,
-                explanation=list(result.explanation),
+                sampled=draw.sampled, sample_rate=draw.probability if draw.sampled else None,
+                explanation=list(result.explanation), second_review=draw.second,
             )  # fmt: skip
             out.append(OutRecord(self.review, item.model_dump_json().encode()))
         if result.embedding is not None:
@@ -92,6 +98,7 @@ class Outputs:
                 dim=len(result.embedding), vector=encode_vector(result.embedding, self.embeddings_dtype),
                 source=e.source, live=d, decided_at=decided_at, pdq=e.pdq.hex if e.pdq else None,
                 pdq_quality=e.pdq.quality if e.pdq else None, image=e.image,
+                review_probability=draw.probability, sampled=draw.sampled,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
         for shadow in result.shadows:

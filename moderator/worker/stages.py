@@ -31,9 +31,9 @@ from moderator.errors import ReasonError
 from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
 from moderator.images import ImageLimits, load_image, load_image_hashed
-from moderator.policy import PolicyRegistry, PolicySet, audit_draw, explanations
-from moderator.worker.event import Decided, Event, ImageEngine, ms
-from moderator.worker.outputs import goes_to_review
+from moderator.policy import PolicyRegistry, PolicySet, explanations
+from moderator.worker.event import NO_REVIEW, Decided, Event, ImageEngine, ReviewDraw, ms
+from moderator.worker.outputs import review_draw
 
 log = obs.get_logger(__name__)
 
@@ -242,7 +242,7 @@ class BatchStage:
             groups.setdefault(e.parsed.policy if e.parsed else None, []).append(i)
         decisions: list[Decision | None] = [None] * len(events)
         shadows: list[list[Decision]] = [[] for _ in events]
-        sample_rates: list[float | None] = [None] * len(events)
+        draws: list[ReviewDraw] = [NO_REVIEW] * len(events)
         explained: list[tuple[CategoryExplanation, ...]] = [() for _ in events]
         for name, rows in groups.items():
             try:
@@ -255,15 +255,13 @@ class BatchStage:
             for i, d in zip(rows, policy.decisions(embeds[rows], group_hits, tower.precision), strict=True):
                 decisions[i] = d
                 parsed = events[i].parsed
-                if policy.spec.audit is not None and parsed is not None:
-                    rate = policy.spec.audit.rate(d.decision)
-                    if rate > 0 and audit_draw(parsed.id) < rate:
-                        sample_rates[i] = rate
+                if parsed is not None:
+                    draws[i] = review_draw(parsed.id, d.decision, policy.spec, self.review_include_flagged)
             for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
                 for i, d in zip(rows, shadow.decisions(embeds[rows], group_hits, tower.precision), strict=True):
                     shadows[i].append(d)
             # The review feed's items carry why they scored as they did (one product for all of them).
-            feed = [i for i in rows if goes_to_review(decisions[i], sample_rates[i], self.review_include_flagged)]
+            feed = [i for i in rows if draws[i].goes]
             if feed:
                 for i, explanation in zip(feed, explanations(policy, embeds[feed]), strict=True):
                     explained[i] = tuple(explanation)
@@ -289,7 +287,7 @@ class BatchStage:
             )  # fmt: skip
             embedding = None if stored is None else stored[i]
             self.sink.decided(
-                Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), sample_rates[i], explained[i])
+                Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), draws[i], explained[i])
             )
             obs.DECISIONS.labels(outcome=decision.decision).inc()
             matches = {(t.match.bank, t.match.entry, t.match.negative) for t in decision.triggered if t.match}

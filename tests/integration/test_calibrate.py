@@ -18,6 +18,7 @@ from moderator.images import ImageLimits, load_image
 from moderator.samples import jpeg_bytes, photo_like
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env
+from .test_console import ARTIFACTS
 
 EVENTS = 400
 CATEGORY = "weapons"
@@ -25,7 +26,7 @@ CATEGORY = "weapons"
 
 def _policy(review: float, flag: float) -> dict:
     return {
-        "name": "calib", "default": True, "audit": {"allow": 0.3, "flag": 0.3},
+        "name": "calib", "default": True, "audit": {"allow": 0.3, "flag": 0.6}, "double_review": 0.5,
         "categories": [
             {"name": CATEGORY, "descriptions": ["a handgun", "a rifle"], "contrasts": ["a toy gun"],
              "flag": flag, "review": review, "severity": "high",
@@ -66,20 +67,37 @@ def test_calibrate_proposes_thresholds_with_plots_and_a_replay(
         assert worker.wait(60) == 0
     out.poll()
     items = [ReviewItem.model_validate(r) for r in out.records["review"]]
+    decisions = {r["event_id"]: r for r in out.records["decisions"]}
     out.close()
     assert any(i.sampled for i in items) and any(not i.sampled for i in items)
-    # Reviewers: a violation when the score is past a "true" line, with 5% of them wrong.
+    assert any(i.second_review for i in items)
+    # Reviewers: a violation when the score is past a "true" line, with 5% of them wrong; a second
+    # reviewer on the double-review items, wrong as often.
     rng = np.random.default_rng(0)
     producer = make_producer(settings)
-    for item in items:
-        violation = (item.scores[CATEGORY] >= truth_at) != (rng.random() < 0.05)
+
+    def send(item: ReviewItem, violation: bool, **extra: object) -> None:
         judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
                           model=item.model)  # fmt: skip
         verdict = Verdict(event_id=item.event_id, verdict="confirm" if violation else "overturn",
                           categories=[CATEGORY] if violation else [], reviewer="test-reviewer", judged=judged,
                           sampled=item.sampled, sample_rate=item.sample_rate, decided_at=item.decided_at,
-                          reviewed_at=utc_now())  # fmt: skip
-        producer.send(settings.topic("verdicts"), key=item.event_id.encode(), value=verdict.model_dump_json().encode())
+                          reviewed_at=utc_now(), image_sha256=item.image.sha256, **extra)  # fmt: skip
+        producer.send(settings.topic("verdicts"), key=verdict.key.encode(), value=verdict.model_dump_json().encode())
+
+    for item in items:
+        truth = item.scores[CATEGORY] >= truth_at
+        send(item, truth != (rng.random() < 0.05))
+        if item.second_review:
+            send(item, truth != (rng.random() < 0.05), second_opinion=True)
+    # Verdicts that must not count: one on other bytes under a logged id, one on an allow decision the
+    # audit did not draw (as a bank scan's retroactive item would be).
+    other = items[0].model_copy(update={"image": items[0].image.model_copy(update={"sha256": "0" * 64})})
+    send(other, True)
+    undrawn = next(e for e, d in decisions.items() if d["decision"] == "allow" and not d["sampled"])
+    image = items[0].image.model_copy(update={"sha256": decisions[undrawn]["image_sha256"]})
+    send(items[0].model_copy(update={"event_id": undrawn, "decision": "allow", "retroactive": True, "image": image}),
+         True, retroactive=True)  # fmt: skip
     producer.flush()
     producer.close()
 
@@ -88,13 +106,22 @@ def test_calibrate_proposes_thresholds_with_plots_and_a_replay(
     assert main(["calibrate", "--policy", "calib", "--min-samples", "10", "--out", str(report_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     cat = report["categories"][CATEGORY]
-    assert report["verdicts"] == len(items) and cat["audit_samples"] == sum(i.sampled for i in items)
-    assert report["judged_share"] == {"review": 1.0, "audit_samples": 1.0} and report["warnings"] == []
-    assert 0 < cat["share_of_estimate_from_samples"] < 1
+    assert report["window"]["decisions"] == EVENTS and report["verdicts"] == len(items)
+    assert report["left_out"] == {
+        "verdicts on another image than the one now logged under their event id": 1,
+        "verdicts on decisions the design did not draw (retroactive items, items claimed by id)": 1,
+    }
+    strata = {s["stratum"]: s for s in cat["strata"]}
+    assert set(strata) <= {"allow at 0.3", "review at 1", "flag at 0.6"} and "review at 1" in strata
+    assert strata["review at 1"]["drawn"] == strata["review at 1"]["decisions"] == strata["review at 1"]["judged"]
+    assert sum(s["drawn"] for s in strata.values()) == len(items) and report["warnings"] == []
+    assert sum(s["decisions"] for s in strata.values()) == EVENTS
+    assert "per threshold" in report["guarantee"] and report["tests"] == 2
+    assert cat["agreement"]["pairs"] == sum(i.second_review for i in items) and cat["agreement"]["kappa"] > 0.5
     proposed = Path(report["proposed_file"])
     assert proposed.exists() and (report_dir / f"pr-{CATEGORY}.png").stat().st_size > 10_000
     assert (report_dir / "report.md").read_text().startswith("# Calibration of calib")
-    assert "baseline -> candidate" in (report_dir / "replay.txt").read_text()
+    assert (report_dir / "replay.txt").read_text().startswith("IN-SAMPLE") and report["replay"]["in_sample"]
     # Only the thresholds changed, and the comment on top stayed.
     text = proposed.read_text()
     assert text.startswith("# the calibration test's policy")
@@ -107,4 +134,19 @@ def test_calibrate_proposes_thresholds_with_plots_and_a_replay(
     assert report["replay"]["replayed"] == EVENTS
     assert sum(report["replay"]["volume"]["candidate"].values()) == EVENTS
     assert main(["policy", "check", str(proposed)]) == 0
-    print(json.dumps({k: cat[k] for k in ("current", "proposed", "flag", "review")}, indent=1))
+    # Jointly, and with a holdout: the later half measures what the earlier half chose.
+    times = sorted(d["decided_at"] for d in decisions.values())
+    middle = times[len(times) // 2]
+    capsys.readouterr()
+    assert main(["calibrate", "--policy", "calib", "--min-samples", "10", "--out", str(tmp_path / "holdout"),
+                 "--joint", "--holdout-after", middle, "--json"]) == 0  # fmt: skip
+    held = json.loads(capsys.readouterr().out)
+    assert held["confidence_per_test"] == 0.975 and "jointly" in held["guarantee"]
+    assert held["window"]["decisions"] + held["window"]["holdout_decisions"] == EVENTS
+    holdout = held["categories"][CATEGORY]["holdout"]
+    assert holdout["decisions"] == held["window"]["holdout_decisions"] and holdout["verdicts"] > 0
+    print(json.dumps({k: cat[k] for k in ("current", "proposed", "flag", "review", "strata", "agreement")}, indent=1))
+    print(json.dumps(holdout, indent=1))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", f"pr-{CATEGORY}.png", "replay.txt"):
+        (ARTIFACTS / f"calibrate-{name}").write_bytes((report_dir / name).read_bytes())

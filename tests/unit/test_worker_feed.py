@@ -18,7 +18,7 @@ from moderator.banks.store import FixedBanks
 from moderator.config import Settings
 from moderator.events import decode_vectors
 from moderator.images import ImageLimits, load_image
-from moderator.policy import PolicyError, audit_draw
+from moderator.policy import PolicyError, audit_draw, parse_spec
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.worker import EXIT_OK, EXIT_PUBLISH_FAILED
 from moderator.worker.feed import QueueFeed
@@ -192,6 +192,37 @@ def test_the_worker_samples_allow_decisions_at_the_policy_rate(tmp_path, tiny_en
     assert sampled == {e for e in allowed if audit_draw(e) < 0.25}  # exactly the rule, per event id
     assert all(review[e]["sample_rate"] == 0.25 and review[e]["decision"] == "allow" for e in sampled)
     assert all(len(review[e]["explanation"]) == 6 for e in sampled)  # they carry why they scored so
+    # Every decision and embedding record carries its sampling design (what `moderator calibrate` bounds with).
+    embeddings = out["embeddings"]
+    for e, d in out["decisions"].items():
+        want = 1.0 if d["decision"] == "review" else 0.25 if d["decision"] == "allow" else 0.0
+        assert d["review_probability"] == embeddings[e]["review_probability"] == want, e
+        assert d["sampled"] == embeddings[e]["sampled"] == (e in sampled)
+        assert d["image_sha256"] == embeddings[e]["image"]["sha256"]
+
+
+def test_the_review_draw_follows_the_policy_s_design():
+    from moderator.worker.outputs import review_draw
+
+    spec = parse_spec("name: p\naudit: {allow: 0.3, flag: 0.5}\ndouble_review: 0.2\n"
+                      "categories: [{name: c, descriptions: [x], flag: 0.9, review: 0.5}]\n", "p.yaml")  # fmt: skip
+    ids = [f"e-{i}" for i in range(4000)]
+    review = [review_draw(e, "review", spec, include_flagged=False) for e in ids]
+    assert all(d.probability == 1.0 and d.goes and not d.sampled for d in review)
+    allow = [review_draw(e, "allow", spec, include_flagged=False) for e in ids]
+    assert all(d.probability == 0.3 for d in allow)
+    assert [d.sampled for d in allow] == [audit_draw(e) < 0.3 for e in ids]
+    # A flag that goes to review anyway (MODERATOR_REVIEW_INCLUDE_FLAGGED) is reviewed whole, not sampled.
+    flags = [review_draw(e, "flag", spec, include_flagged=True) for e in ids]
+    assert all(d.probability == 1.0 and not d.sampled for d in flags)
+    # Double review: a fifth of what goes to review, drawn apart from the audit draw.
+    second = [d.second for d in review]
+    assert 0.17 < np.mean(second) < 0.23
+    assert [d.second for d in allow if d.goes] == [s for s, d in zip(second, allow, strict=True) if d.goes]
+    assert not any(d.second for d in allow if not d.goes)
+    without = parse_spec("name: p\ncategories: [{name: c, descriptions: [x], flag: 0.9, review: 0.5}]\n", "p.yaml")
+    assert review_draw("e", "allow", without, include_flagged=False) == review_draw("e", "flag", without, False)
+    assert review_draw("e", "allow", without, include_flagged=False).probability == 0.0
 
 
 def test_a_bank_match_decides_in_the_worker_and_the_log_keeps_the_hash(tmp_path, tiny_engine):
