@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import http.cookiejar
 import json
 import os
@@ -65,15 +66,16 @@ def main() -> int:
                 (event_id, producer.send(settings.topic("images"), key=event_id.encode(), value=value.encode()))
             )
         producer.flush()
-        for event_id, future in futures:
+        for i, (event_id, future) in enumerate(futures):
             meta = future.get(timeout=60)
+            image = images[i % 64]
             scores = {c: float(s) for c, s in zip(categories, rng.uniform(0, 1, len(categories)), strict=True)}
             top = max(scores, key=scores.__getitem__)
             reasons = [Trigger(category=top, rule="review", score=scores[top], threshold=0.5)]
             item = ReviewItem(
                 event_id=event_id, decision="review", priority=int(rng.integers(0, 100)),
                 image=ImageRef(inline_source=Source(topic=meta.topic, partition=meta.partition, offset=meta.offset),
-                               sha256="0" * 64, bytes=len(images[0])),
+                               sha256=hashlib.sha256(image).hexdigest(), bytes=len(image)),
                 scores=scores, reasons=reasons, policy=PolicyRef(name="bench", version="sha256:bench"),
                 model="bench", source=Source(topic=meta.topic, partition=meta.partition, offset=meta.offset),
                 decided_at=utc_now(),

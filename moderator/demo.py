@@ -192,7 +192,7 @@ def serve_console(app: App) -> None:
         settings = settings.model_copy(update={"console_port": 0})
     console = Console(App(settings, engine=app.engine), dev=True).start()
     name, password = console.dev_login or ("", "")
-    pending, _ = console.queue.depth()
+    pending = console.queue.depth()["new"]
     print(f"\nreview console: {console.url}  (development login: {name} / {password})")
     print(f"{pending} item(s) to review. Ctrl-C stops the console and the stack.", flush=True)
     try:

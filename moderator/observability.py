@@ -211,7 +211,8 @@ END_TO_END = Histogram(
 # The review console (moderator/console/)
 CONSOLE_QUEUE = Gauge(
     "moderator_console_queue_depth", "Review items waiting, by state", ["state"], registry=REGISTRY
-)  # state: pending (no verdict yet), escalated (waiting for a final verdict)
+)  # state: pending (no verdict yet), escalated (waiting for a final verdict), second (waiting for a second
+# reviewer's verdict: double review), set_aside (its image changed since it was scored: not handed out)
 CONSOLE_CLAIMS = Counter("moderator_console_claims_total", "Review items claimed by a reviewer", registry=REGISTRY)
 CONSOLE_LEASE_EXPIRIES = Counter(
     "moderator_console_lease_expiries_total",
@@ -225,6 +226,11 @@ CONSOLE_DECISION_TO_VERDICT = Histogram(
     "moderator_console_decision_to_verdict_seconds",
     "From the decision to its verdict",
     buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86_400, 3 * 86_400, 7 * 86_400),
+    registry=REGISTRY,
+)
+CONSOLE_IMAGE_CHANGED = Counter(
+    "moderator_console_image_changed_total",
+    "Review items whose image bytes differ from those the worker scored (refused, set aside)",
     registry=REGISTRY,
 )
 CONSOLE_REVEALS = Counter(

@@ -82,7 +82,7 @@ class Console:
         self.feeds = ConsoleFeeds(app, self.queue)
         self.images = ReviewImages(app)
         banks = ConsoleBanks(app, self.images, self.feeds) if s.console_banks else None
-        self.service = ReviewService(self.queue, self.leases, self.feeds, banks=banks)
+        self.service = ReviewService(self.queue, self.leases, self.feeds, self.images, banks=banks)
         self.feeds.on_tick = self.service.expire_claims
         self.web = create_app(
             WebConfig(
@@ -91,7 +91,7 @@ class Console:
                 allowed_origins=frozenset(s.console_allowed_origins), session_s=int(s.console_session_hours * 3600),
                 grid_size=s.console_grid_size, lease_s=s.console_lease_s, dev=dev, banks=tuple(s.console_banks),
             ),
-            self.queue, self.service, self.images,
+            self.queue, self.service,
         )  # fmt: skip
         self.health = HealthServer(s.http_host, s.http_port) if health else None
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -1,11 +1,14 @@
 """The console's web application (Starlette, server-side Jinja2 templates, one static script).
 
 Pages: ``/login``; ``/`` (the queue: counts, what is next, the reviewer's recent verdicts);
-``/item/{id}`` (one claimed item: the image blurred and grayscale until revealed, its scores against
+``/item/{handle}`` (one claimed item: the image blurred and grayscale until revealed, its scores against
 the thresholds, the rules that fired, the closest texts, metadata, versions; verdict buttons, all on the
-keyboard); ``/grid`` (a batch of claimed items for fast triage); ``/escalated``.
-State changes are POSTs: ``/claim``, ``/claim/{id}``, ``/item/{id}/verdict``, ``/item/{id}/skip``,
-``/grid/claim``, ``/logout``; and JSON for the grid's script: ``/api/verdict``, ``/api/revealed``.
+keyboard); ``/grid`` (a batch of claimed items for fast triage); ``/escalated``. An item is named in
+URLs by its handle (hex: its event id and image sha256, hashed), never by the event id, which may hold
+any printable character.
+State changes are POSTs: ``/claim``, ``/claim/{handle}``, ``/item/{handle}/verdict``,
+``/item/{handle}/skip``, ``/grid/claim``, ``/logout``; and JSON for the grid's script: ``/api/verdict``,
+``/api/revealed``.
 
 Every page but ``/login`` needs an authenticated reviewer (a session from the login form, or a header
 set by a trusted authenticating proxy); every POST needs the session's CSRF token (``security.py``).
@@ -31,7 +34,7 @@ from starlette.templating import Jinja2Templates
 
 from moderator import observability as obs
 from moderator.console.auth import Accounts
-from moderator.console.images import ImageUnavailable, ReviewImages
+from moderator.console.images import ImageUnavailable
 from moderator.console.queue import ReviewQueue
 from moderator.console.security import CSRFMiddleware, SecurityHeadersMiddleware, csrf_token, rotate_csrf_token
 from moderator.console.service import ConsoleError, ReviewService
@@ -59,7 +62,7 @@ class WebConfig:
     banks: tuple[str, ...] = ()  # known-image banks a confirmed image may be added to
 
 
-def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, images: ReviewImages) -> Starlette:
+def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService) -> Starlette:
     templates = Jinja2Templates(directory=HERE / "templates")
 
     def reviewer(request: Request) -> str | None:
@@ -72,9 +75,10 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         return str(user) if user else None
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
-        pending, escalated = queue.depth()
+        depth = queue.depth()
         context.update(user=reviewer(request), csrf=csrf_token(request.session), dev=config.dev,
-                       pending=pending, escalated=escalated, lease_s=int(config.lease_s))  # fmt: skip
+                       pending=depth["new"] + depth["second"], escalated=depth["escalated"],
+                       set_aside=depth["set_aside"], lease_s=int(config.lease_s))  # fmt: skip
         return templates.TemplateResponse(request, name, context, status_code=status)
 
     def signed_in(handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
@@ -97,7 +101,7 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         got = await run_in_threadpool(service.claim_next, user, 1, escalated)
         if not got:
             return RedirectResponse("/?empty=1", status_code=303)
-        return RedirectResponse(f"/item/{got[0].item.event_id}", status_code=303)
+        return RedirectResponse(f"/item/{got[0].handle}", status_code=303)
 
     # --- signing in --------------------------------------------------------------------------------
     async def login_page(request: Request) -> Response:
@@ -129,23 +133,29 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         return page(request, "queue.html", upcoming=upcoming, recent=recent, empty="empty" in request.query_params)
 
     async def escalated_page(request: Request, user: str) -> Response:
-        items = queue.pending(escalated=True)[:100]
-        return page(request, "escalated.html", items=items, verdicts={q.item.event_id: queue.verdict(q.item.event_id)
+        items = queue.pending("escalated")[:100]
+        return page(request, "escalated.html", items=items, verdicts={q.handle: queue.verdict(q.handle)
                                                                        for q in items})  # fmt: skip
 
     async def item_page(request: Request, user: str) -> Response:
-        event_id = request.path_params["event_id"]
-        queued = await run_in_threadpool(service.held, event_id, user)
-        return page(request, "item.html", q=queued, item=queued.item, current=queue.verdict(event_id),
-                    verdict_names=VERDICTS, banks=config.banks)  # fmt: skip
+        handle = request.path_params["handle"]
+        queued = await run_in_threadpool(service.held, handle, user)
+        refused = None
+        try:  # the image is checked (and cached) before the page says anything about it
+            await run_in_threadpool(service.image, handle, user)
+        except ImageUnavailable as exc:  # ImageChanged too: never the other bytes, a refusal
+            refused = str(exc)
+        second = service.second_opinion(handle, user)
+        current = queue.second_opinion(handle) if second else queue.verdict(handle)
+        return page(request, "item.html", q=queued, item=queued.item, current=current, second=second,
+                    refused=refused, verdict_names=VERDICTS, banks=config.banks)  # fmt: skip
 
     async def grid_page(request: Request, user: str) -> Response:
         return page(request, "grid.html", items=await run_in_threadpool(service.mine, user))
 
     async def image(request: Request, user: str) -> Response:
-        queued = await run_in_threadpool(service.held, request.path_params["event_id"], user)
         try:
-            data = await run_in_threadpool(images.jpeg, queued.item)
+            data = await run_in_threadpool(service.image, request.path_params["handle"], user)
         except ImageUnavailable as exc:
             raise ConsoleError(str(exc)) from None
         return Response(data, media_type="image/jpeg")
@@ -155,8 +165,8 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         return await next_item(user, escalated=request.query_params.get("escalated") == "1")
 
     async def claim_one(request: Request, user: str) -> Response:
-        queued = await run_in_threadpool(service.claim, request.path_params["event_id"], user)
-        return RedirectResponse(f"/item/{queued.item.event_id}", status_code=303)
+        queued = await run_in_threadpool(service.claim, request.path_params["handle"], user)
+        return RedirectResponse(f"/item/{queued.handle}", status_code=303)
 
     async def verdict(request: Request, user: str) -> Response:
         form = await request.form()
@@ -165,19 +175,19 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
             raise ConsoleError(f"a verdict is one of {', '.join(VERDICTS)}")
         categories = [str(c) for c in form.getlist("category")]
         bank = (str(form.get("bank", "")) or None) if choice == "confirm" else None
-        await run_in_threadpool(service.submit, request.path_params["event_id"], user, choice, categories,
+        await run_in_threadpool(service.submit, request.path_params["handle"], user, choice, categories,
                                 str(form.get("note", "")), bank)  # fmt: skip
         return await next_item(user)
 
     async def skip(request: Request, user: str) -> Response:
-        await run_in_threadpool(service.skip, request.path_params["event_id"], user)
+        await run_in_threadpool(service.skip, request.path_params["handle"], user)
         return await next_item(user)
 
     async def grid_claim(request: Request, user: str) -> Response:
         mine = await run_in_threadpool(service.mine, user)
         wanted = max(0, config.grid_size - len(mine))
         if wanted:
-            held = frozenset(q.item.event_id for q in mine)
+            held = frozenset(q.handle for q in mine)
             await run_in_threadpool(service.claim_next, user, wanted, False, held)
         return RedirectResponse("/grid", status_code=303)
 
@@ -187,16 +197,16 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         except json.JSONDecodeError:
             raise ConsoleError("expected a JSON body") from None
         choice = body.get("verdict")
-        if choice not in VERDICTS or not isinstance(body.get("event_id"), str):
-            raise ConsoleError(f"expected {{event_id, verdict: {'|'.join(VERDICTS)}, categories, note}}")
+        if choice not in VERDICTS or not isinstance(body.get("handle"), str):
+            raise ConsoleError(f"expected {{handle, verdict: {'|'.join(VERDICTS)}, categories, note}}")
         categories = [str(c) for c in body.get("categories") or []]
-        done = await run_in_threadpool(service.submit, body["event_id"], user, choice, categories,
+        done = await run_in_threadpool(service.submit, body["handle"], user, choice, categories,
                                        str(body.get("note") or ""))  # fmt: skip
         return JSONResponse({"ok": True, "published": done.published, "revision": done.verdict.revision})
 
     async def api_revealed(request: Request, user: str) -> Response:
         body = await request.json()
-        await run_in_threadpool(service.held, str(body.get("event_id")), user)  # only what they hold
+        await run_in_threadpool(service.held, str(body.get("handle")), user)  # only what they hold
         obs.CONSOLE_REVEALS.labels(reviewer=user).inc()
         return JSONResponse({"ok": True})
 
@@ -207,12 +217,12 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, im
         Route("/", signed_in(home)),
         Route("/escalated", signed_in(escalated_page)),
         Route("/grid", signed_in(grid_page)),
-        Route("/item/{event_id:path}/verdict", signed_in(verdict), methods=["POST"]),
-        Route("/item/{event_id:path}/skip", signed_in(skip), methods=["POST"]),
-        Route("/item/{event_id:path}", signed_in(item_page)),
-        Route("/image/{event_id:path}", signed_in(image)),
+        Route("/item/{handle}/verdict", signed_in(verdict), methods=["POST"]),
+        Route("/item/{handle}/skip", signed_in(skip), methods=["POST"]),
+        Route("/item/{handle}", signed_in(item_page)),
+        Route("/image/{handle}", signed_in(image)),
         Route("/claim", signed_in(claim), methods=["POST"]),
-        Route("/claim/{event_id:path}", signed_in(claim_one), methods=["POST"]),
+        Route("/claim/{handle}", signed_in(claim_one), methods=["POST"]),
         Route("/grid/claim", signed_in(grid_claim), methods=["POST"]),
         Route("/api/verdict", signed_in(api_verdict), methods=["POST"]),
         Route("/api/revealed", signed_in(api_revealed), methods=["POST"]),

@@ -96,9 +96,10 @@ class ConsoleFeeds:
                     self._commit()
                     next_commit = now + 2.0
                 if now >= next_tick:
-                    pending, escalated = self.queue.depth()
-                    obs.CONSOLE_QUEUE.labels(state="pending").set(pending)
-                    obs.CONSOLE_QUEUE.labels(state="escalated").set(escalated)
+                    depth = self.queue.depth()
+                    obs.CONSOLE_QUEUE.labels(state="pending").set(depth["new"])
+                    for state in ("escalated", "second", "set_aside"):
+                        obs.CONSOLE_QUEUE.labels(state=state).set(depth[state])
                     self.on_tick()
                     next_tick = now + 1.0
             except Exception:  # the console keeps serving; the next poll tries again
@@ -141,9 +142,7 @@ class ConsoleFeeds:
     def publish(self, verdict: Verdict) -> None:
         """Publish a verdict and wait until the broker has it; then it is the queue's too."""
         value = json.dumps(verdict.model_dump(mode="json")).encode()
-        self.producer.send(self.app.settings.topic("verdicts"), key=verdict.event_id.encode(), value=value).get(
-            timeout=30
-        )
+        self.producer.send(self.app.settings.topic("verdicts"), key=verdict.key.encode(), value=value).get(timeout=30)
         self.queue.add_verdict(verdict)
 
     def publish_bank_entry(self, topic: str, entry: BankEntry) -> None:

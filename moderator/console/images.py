@@ -4,13 +4,17 @@ event's URL (the page's Content-Security-Policy allows images from the console o
 - An inline image is read back from Kafka at its event's coordinates (topic, partition, offset).
 - A URL image is fetched by the console through the SSRF-safe fetcher, with the worker's limits.
 
-Either way the bytes are decoded with the worker's limits and re-encoded as a JPEG (EXIF orientation
-applied, metadata dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never
-the uploaded bytes. Results are kept in a small in-memory cache (by event id).
+Either way the bytes must be the ones the worker scored: their sha256 is compared with the one the
+review item carries, and other bytes (an uploader's server that answers differently now, an id re-used
+for another image) are refused (:class:`ImageChanged`), never shown, never hashed into a bank. Then
+they are decoded with the worker's limits and re-encoded as a JPEG (EXIF orientation applied, metadata
+dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never the uploaded bytes.
+Results are kept in a small in-memory cache by the item's handle (event id and image sha256).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -31,6 +35,10 @@ class ImageUnavailable(Exception):
     """The image cannot be shown; the message says why (for the page, never a stack trace)."""
 
 
+class ImageChanged(ImageUnavailable):
+    """The bytes at the image's source are not the ones the worker scored."""
+
+
 class ReviewImages:
     def __init__(self, app: App) -> None:
         self.app = app
@@ -43,9 +51,9 @@ class ReviewImages:
 
     def jpeg(self, item: ReviewItem) -> bytes:
         with self._cache_lock:
-            cached = self._cache.get(item.event_id)
+            cached = self._cache.get(item.handle)
             if cached is not None:
-                self._cache.move_to_end(item.event_id)
+                self._cache.move_to_end(item.handle)
                 return cached
         data = self.original(item)
         try:
@@ -57,7 +65,7 @@ class ReviewImages:
         image.save(out, "JPEG", quality=90)
         jpeg = out.getvalue()
         with self._cache_lock:
-            self._cache[item.event_id] = jpeg
+            self._cache[item.handle] = jpeg
             self._cache_bytes += len(jpeg)
             while self._cache_bytes > CACHE_BYTES and self._cache:
                 _, old = self._cache.popitem(last=False)
@@ -65,7 +73,15 @@ class ReviewImages:
         return jpeg
 
     def original(self, item: ReviewItem) -> bytes:
-        """The image's bytes as uploaded (read back from Kafka, or fetched through the SSRF-safe fetcher)."""
+        """The image's bytes as the worker scored them (read back from Kafka, or fetched through the
+        SSRF-safe fetcher); :class:`ImageChanged` when the source now gives other bytes."""
+        data = self._read(item)
+        if item.image.sha256 and hashlib.sha256(data).hexdigest() != item.image.sha256:
+            raise ImageChanged("The image has changed since it was scored: its bytes are not the ones the model "
+                               f"judged (sha256 {item.image.sha256[:16]}...), so it is not shown")  # fmt: skip
+        return data
+
+    def _read(self, item: ReviewItem) -> bytes:
         if item.image.url is not None:
             try:
                 return self.app.fetcher.fetch(item.image.url)

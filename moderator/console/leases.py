@@ -1,10 +1,10 @@
 """Claims on review items: expiring leases in Redis, so two reviewers never hold the same item and
 an abandoned claim returns its item to the queue by itself.
 
-A lease is one key per item, ``<prefix>lease:<event id>``, holding the reviewer's name, set only if
-absent (``SET NX PX``): the first claim wins, atomically, across every console replica. It expires
-after ``ttl_s`` unless renewed; renewing and releasing check the holder in one Lua script, so a
-reviewer can never extend or drop another's claim.
+A lease is one key per item, ``<prefix>lease:<handle>`` (the item's event id and image, hashed),
+holding the reviewer's name, set only if absent (``SET NX PX``): the first claim wins, atomically,
+across every console replica. It expires after ``ttl_s`` unless renewed; renewing and releasing check
+the holder in one Lua script, so a reviewer can never extend or drop another's claim.
 """
 
 from __future__ import annotations

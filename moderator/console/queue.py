@@ -1,11 +1,16 @@
 """The review queue, pure: review items not yet judged, by priority then age, and the verdicts known.
 
-Items come from the review topic (``add_item``), verdicts from the verdicts topic (``add_verdict``).
-An item leaves the queue when its event has a final verdict (confirm or overturn); an escalated one
-waits in the escalated list for a final verdict. Per partition of the review topic, the committable
-offset is the lowest one whose event has no final verdict yet (:class:`~moderator.offsets.OffsetTracker`):
-a restarted console reads again from there, and the verdicts topic tells it which of those items are
-already judged. Thread-safe (the feed thread adds, the web threads read).
+An item is an event id *and* the image's sha256 (its ``handle``): an id re-used for other bytes is a new
+item, and a verdict applies to the bytes it names. Items come from the review topic (``add_item``),
+verdicts from the verdicts topic (``add_verdict``). An item leaves the queue when it has a final verdict
+(confirm or overturn) and, when drawn for double review, a second reviewer's final verdict too; an
+escalated one waits in the escalated list for a final verdict; one whose image changed since it was
+scored is set aside (``set_aside``): it is never handed out again by this console.
+
+Per partition of the review topic, the committable offset is the lowest one whose item is not done
+(:class:`~moderator.offsets.OffsetTracker`): a restarted console reads again from there, and the
+verdicts topic tells it which of those items are already judged. Thread-safe (the feed thread adds, the
+web threads read).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from moderator.events import FINAL_VERDICTS, ReviewItem, Verdict
 from moderator.offsets import OffsetTracker
+
+Stage = Literal["new", "escalated", "second"]
 
 
 @dataclass
@@ -25,101 +33,191 @@ class Queued:
     item: ReviewItem
     offsets: list[tuple[Hashable, int]] = field(default_factory=list)  # its records (duplicates after a crash)
     arrived: float = field(default_factory=time.time)
+    set_aside: str | None = None  # why it is not handed out (its image changed since it was scored)
+
+    @property
+    def handle(self) -> str:
+        return self.item.handle
 
     @property
     def sort_key(self) -> tuple[int, str]:
         return (-self.item.priority, self.item.decided_at)  # priority first, then the oldest
 
 
+def _merge(old: ReviewItem, new: ReviewItem) -> ReviewItem:
+    """Two records of one item (a re-delivery, or a bank scan's retroactive finding of a pending item):
+    the latest, keeping why it was drawn (an audit sample stays one, a second review stays asked for)."""
+    keep: dict[str, object] = {}
+    if old.sampled and not new.sampled:
+        keep.update(sampled=True, sample_rate=old.sample_rate)
+    if old.second_review and not new.second_review:
+        keep["second_review"] = True
+    if old.retroactive and not new.retroactive:
+        keep["retroactive"] = True
+    return new.model_copy(update=keep) if keep else new
+
+
 class ReviewQueue:
     def __init__(self, keep_done: int = 20_000) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, Queued] = {}  # not finally judged (escalated ones included)
-        self._verdicts: dict[str, Verdict] = {}  # the current verdict of every event seen
+        self._items: dict[str, Queued] = {}  # by handle: not done (escalated and second-review ones included)
+        self._verdicts: dict[str, Verdict] = {}  # by handle: the current verdict of every item seen
+        self._seconds: dict[str, Verdict] = {}  # by handle: second opinions (double review)
+        self._legacy: dict[str, Verdict] = {}  # by event id: verdicts that name no image (older records)
         self._tracker: OffsetTracker[Hashable] = OffsetTracker()
         self._order: list[Queued] | None = None  # pending items sorted; None when it must be rebuilt
         self._done: OrderedDict[str, Queued] = OrderedDict()  # recently judged: a verdict may still change
         self.keep_done = keep_done
 
+    # --- state of one item (under the lock) -----------------------------------------------------------
+    def _verdict(self, q: Queued) -> Verdict | None:
+        return self._verdicts.get(q.handle) or self._legacy.get(q.item.event_id)
+
+    def _stage(self, q: Queued) -> Stage | None:
+        """Where the item is: waiting for a first verdict, escalated, waiting for a second opinion; None: done."""
+        v = self._verdict(q)
+        if v is None:
+            return "new"
+        if v.verdict not in FINAL_VERDICTS:
+            return "escalated"
+        second = self._seconds.get(q.handle)
+        if q.item.second_review and (second is None or second.verdict not in FINAL_VERDICTS):
+            return "second"
+        return None
+
+    def _settle(self, handle: str) -> None:
+        """Move an item between the waiting ones and the recently done ones as its verdicts say."""
+        queued = self._items.get(handle) or self._done.get(handle)
+        if queued is None:
+            return
+        done = self._stage(queued) is None
+        if done and handle in self._items:
+            del self._items[handle]
+            for partition, offset in queued.offsets:
+                self._tracker.finish(partition, offset)
+            queued.offsets = []
+            self._done[handle] = queued
+            while len(self._done) > self.keep_done:
+                self._done.popitem(last=False)
+        elif not done and handle in self._done:  # a final verdict changed to escalate: waiting again
+            self._items[handle] = self._done.pop(handle)
+        self._order = None
+
     # --- from the topics ----------------------------------------------------------------------------
     def add_item(self, partition: Hashable, offset: int, item: ReviewItem) -> None:
         with self._lock:
             tracked = self._tracker.start(partition, offset)
-            verdict = self._verdicts.get(item.event_id)
-            if verdict is not None and verdict.verdict in FINAL_VERDICTS:
-                if tracked:
-                    self._tracker.finish(partition, offset)
-                return
-            queued = self._items.get(item.event_id)
+            handle = item.handle
+            queued = self._items.get(handle)
             if queued is None:
-                queued = self._items[item.event_id] = Queued(item)
+                queued = Queued(item)
+                if self._stage(queued) is None:  # judged already (a restart reads it again)
+                    if tracked:
+                        self._tracker.finish(partition, offset)
+                    return
+                self._items[handle] = queued
             else:
-                queued.item = item  # a re-delivered decision of the same event: the latest one
+                queued.item = _merge(queued.item, item)
             if tracked:
                 queued.offsets.append((partition, offset))
             self._order = None
 
     def add_verdict(self, verdict: Verdict) -> None:
         with self._lock:
-            current = self._verdicts.get(verdict.event_id)
+            if verdict.image_sha256 is None:  # an older record: it judges the event id's item
+                current = self._legacy.get(verdict.event_id)
+                if current is None or current.revision <= verdict.revision:
+                    self._legacy[verdict.event_id] = verdict
+                for handle in [h for h, q in self._items.items() if q.item.event_id == verdict.event_id]:
+                    self._settle(handle)
+                return
+            into = self._seconds if verdict.second_opinion else self._verdicts
+            current = into.get(verdict.handle)
             if current is not None and current.revision > verdict.revision:
                 return  # an older revision read late
-            self._verdicts[verdict.event_id] = verdict
-            if verdict.verdict in FINAL_VERDICTS:
-                queued = self._items.pop(verdict.event_id, None)
-                if queued is not None:
-                    for partition, offset in queued.offsets:
-                        self._tracker.finish(partition, offset)
-                    self._done[verdict.event_id] = queued
-                    while len(self._done) > self.keep_done:
-                        self._done.popitem(last=False)
-            elif verdict.event_id in self._done:  # a final verdict changed to escalate: waiting again
-                self._items[verdict.event_id] = self._done.pop(verdict.event_id)
-            self._order = None
+            into[verdict.handle] = verdict
+            self._settle(verdict.handle)
+
+    def set_aside(self, handle: str, why: str) -> None:
+        """Never hand this item out again (its image changed since it was scored); it stays waiting."""
+        with self._lock:
+            queued = self._items.get(handle)
+            if queued is not None:
+                queued.set_aside = why
+                self._order = None
 
     def drop(self, partitions: Iterable[Hashable]) -> None:
         """Partitions of the review topic this console no longer owns (a rebalance): forget their items."""
         gone = set(partitions)
         with self._lock:
             self._tracker.drop(gone)
-            for event_id in [e for e, q in self._items.items() if any(p in gone for p, _ in q.offsets)]:
-                del self._items[event_id]
+            for handle in [h for h, q in self._items.items() if any(p in gone for p, _ in q.offsets)]:
+                del self._items[handle]
             self._order = None
 
     # --- for the pages --------------------------------------------------------------------------------
-    def pending(self, escalated: bool = False) -> list[Queued]:
-        """Items waiting for a verdict (or, ``escalated``, for a final one), by priority then age."""
+    def pending(self, stage: Stage = "new", for_reviewer: str | None = None) -> list[Queued]:
+        """Items waiting in ``stage``, by priority then age. With ``for_reviewer``: the ones that reviewer
+        may claim now (a first verdict, or a second opinion on someone else's), never the set-aside ones."""
         with self._lock:
             if self._order is None:
                 self._order = sorted(self._items.values(), key=lambda q: q.sort_key)
-            order = self._order
-            verdicts = self._verdicts
-            return [q for q in order if (q.item.event_id in verdicts) == escalated]
+            out = []
+            for q in self._order:
+                where = self._stage(q)
+                if for_reviewer is None:
+                    if where == stage:
+                        out.append(q)
+                    continue
+                if q.set_aside is not None:
+                    continue
+                if where == stage or (stage == "new" and where == "second" and self._first(q) != for_reviewer):
+                    out.append(q)
+            return out
 
-    def get(self, event_id: str) -> Queued | None:
+    def _first(self, q: Queued) -> str | None:
+        v = self._verdict(q)
+        return v.reviewer if v is not None else None
+
+    def get(self, handle: str) -> Queued | None:
         """A waiting item, or a recently judged one (whose verdict may be changed)."""
         with self._lock:
-            return self._items.get(event_id) or self._done.get(event_id)
+            return self._items.get(handle) or self._done.get(handle)
 
-    def waiting(self, event_id: str) -> bool:
+    def stage(self, handle: str) -> Stage | None:
         with self._lock:
-            return event_id in self._items
+            q = self._items.get(handle) or self._done.get(handle)
+            return self._stage(q) if q is not None else None
 
     def judged_by(self, reviewer: str, limit: int = 50) -> list[tuple[Queued, Verdict]]:
         """``reviewer``'s most recent verdicts on items still at hand, newest first."""
         with self._lock:
-            mine = [(q, v) for e, q in self._done.items() if (v := self._verdicts[e]).reviewer == reviewer]
+            mine = []
+            for q in [*self._done.values(), *self._items.values()]:
+                for v in (self._verdict(q), self._seconds.get(q.handle)):
+                    if v is not None and v.reviewer == reviewer:
+                        mine.append((q, v))
         return sorted(mine, key=lambda qv: qv[1].reviewed_at, reverse=True)[:limit]
 
-    def verdict(self, event_id: str) -> Verdict | None:
+    def verdict(self, handle: str) -> Verdict | None:
         with self._lock:
-            return self._verdicts.get(event_id)
+            q = self._items.get(handle) or self._done.get(handle)
+            return self._verdict(q) if q is not None else self._verdicts.get(handle)
 
-    def depth(self) -> tuple[int, int]:
-        """(items waiting for a first verdict, escalated items waiting for a final one)."""
+    def second_opinion(self, handle: str) -> Verdict | None:
         with self._lock:
-            escalated = sum(1 for e in self._items if e in self._verdicts)
-            return len(self._items) - escalated, escalated
+            return self._seconds.get(handle)
+
+    def depth(self) -> dict[str, int]:
+        """Items waiting per stage (new, escalated, second), and those set aside."""
+        with self._lock:
+            out = {"new": 0, "escalated": 0, "second": 0, "set_aside": 0}
+            for q in self._items.values():
+                if q.set_aside is not None:
+                    out["set_aside"] += 1
+                else:
+                    out[self._stage(q) or "new"] += 1
+            return out
 
     def committable(self) -> dict[Hashable, int]:
         with self._lock:

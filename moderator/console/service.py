@@ -1,8 +1,11 @@
 """What a reviewer can do, independent of the web pages: claim, judge, skip, and the grid's batch.
 
-Every action is checked against the lease in Redis (:mod:`~moderator.console.leases`): a reviewer
-sees and judges only the items they hold, and a verdict from anyone else is refused. Verdicts are
-attributed to the authenticated reviewer the web layer passes in.
+Items are named by their handle (event id and image sha256, hashed: ``ReviewItem.handle``). Every
+action is checked against the lease in Redis (:mod:`~moderator.console.leases`): a reviewer sees and
+judges only the items they hold, and a verdict from anyone else is refused. Verdicts are attributed to
+the authenticated reviewer the web layer passes in, and name the image bytes they judged. An item drawn
+for double review goes, after its first verdict, to a second reviewer (never the same one), whose
+verdict is published beside the first, never replacing it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from datetime import datetime
 from moderator import observability as obs
 from moderator.console.banks import BankRefused, ConsoleBanks
 from moderator.console.feeds import ConsoleFeeds
+from moderator.console.images import ImageChanged, ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import Queued, ReviewQueue
-from moderator.events import Decision, Verdict, VerdictKind, utc_now
+from moderator.events import FINAL_VERDICTS, Decision, Verdict, VerdictKind, utc_now
 
 log = obs.get_logger(__name__)
 
@@ -48,103 +52,133 @@ class ReviewService:
         queue: ReviewQueue,
         leases: Leases,
         feeds: ConsoleFeeds,
+        images: ReviewImages,
         scan_limit: int = 500,
         banks: ConsoleBanks | None = None,
     ) -> None:
         self.queue = queue
         self.leases = leases
         self.feeds = feeds
+        self.images = images
         self.banks = banks  # where a confirmed image may also go (MODERATOR_CONSOLE_BANKS)
         self.scan_limit = scan_limit  # candidates looked at per claim (their leases in one round trip)
-        self._claims: dict[str, tuple[str, float]] = {}  # made here: event id -> (reviewer, expiry)
-        self._skipped: dict[tuple[str, str], float] = {}  # (reviewer, event id) -> until when
+        self._claims: dict[str, tuple[str, float]] = {}  # made here: handle -> (reviewer, expiry)
+        self._skipped: dict[tuple[str, str], float] = {}  # (reviewer, handle) -> until when
         self._lock = threading.Lock()
 
     # --- claims ---------------------------------------------------------------------------------------
     def claim_next(
         self, reviewer: str, count: int = 1, escalated: bool = False, exclude: frozenset[str] = frozenset()
     ) -> list[Queued]:
-        """Claim up to ``count`` items: the first by priority, then age, that nobody holds (and not those
-        in ``exclude``, nor those ``reviewer`` skipped while their lease would have run)."""
+        """Claim up to ``count`` items: the first by priority, then age, that nobody holds and ``reviewer``
+        may judge (a first verdict, or a second opinion on another reviewer's), and not those in
+        ``exclude``, nor those ``reviewer`` skipped while their lease would have run."""
         now = time.time()
         got: list[Queued] = []
         candidates = [
-            q for q in self.queue.pending(escalated)
-            if q.item.event_id not in exclude and self._skipped.get((reviewer, q.item.event_id), 0) < now
+            q for q in self.queue.pending("escalated" if escalated else "new", for_reviewer=reviewer)
+            if q.handle not in exclude and self._skipped.get((reviewer, q.handle), 0) < now
         ][: self.scan_limit]  # fmt: skip
-        held = self.leases.holders([q.item.event_id for q in candidates])
+        held = self.leases.holders([q.handle for q in candidates])
         for q in candidates:
             if len(got) >= count:
                 break
-            holder = held.get(q.item.event_id)
+            holder = held.get(q.handle)
             if holder is not None and holder != reviewer:
                 continue
-            if self.leases.claim(q.item.event_id, reviewer):  # atomic: another replica may have won it
-                self._claimed(q.item.event_id, reviewer)
+            if self.leases.claim(q.handle, reviewer):  # atomic: another replica may have won it
+                self._claimed(q.handle, reviewer)
                 got.append(q)
         return got
 
-    def claim(self, event_id: str, reviewer: str) -> Queued:
+    def claim(self, handle: str, reviewer: str) -> Queued:
         """Claim one given item (from a list, or to change one's verdict)."""
-        queued = self.queue.get(event_id)
+        queued = self.queue.get(handle)
         if queued is None:
-            raise NotFound(f"no review item {event_id!r} is waiting")
-        if not self.leases.claim(event_id, reviewer):
-            raise NotYours(f"{event_id} is being reviewed by {self.leases.holder(event_id) or 'someone else'}")
-        self._claimed(event_id, reviewer)
+            raise NotFound("no such review item is waiting")
+        if not self.leases.claim(handle, reviewer):
+            raise NotYours(
+                f"{queued.item.event_id} is being reviewed by {self.leases.holder(handle) or 'someone else'}"
+            )
+        self._claimed(handle, reviewer)
         return queued
 
-    def held(self, event_id: str, reviewer: str) -> Queued:
+    def held(self, handle: str, reviewer: str) -> Queued:
         """The item, if ``reviewer`` holds its lease (renewed: they are looking at it)."""
-        queued = self.queue.get(event_id)
+        queued = self.queue.get(handle)
         if queued is None:
-            raise NotFound(f"no review item {event_id!r} is waiting (it may have a verdict already)")
-        if not self.leases.renew(event_id, reviewer):
-            holder = self.leases.holder(event_id)
+            raise NotFound("no such review item is waiting (it may have a verdict already)")
+        if not self.leases.renew(handle, reviewer):
+            holder = self.leases.holder(handle)
+            event_id = queued.item.event_id
             raise NotYours(f"{event_id} is held by {holder}" if holder else f"your claim on {event_id} has expired")
         return queued
+
+    def image(self, handle: str, reviewer: str) -> bytes:
+        """The held item's image as the browser gets it. Bytes other than the ones the worker scored are
+        refused, and the item is set aside (never handed out again here), logged and counted."""
+        queued = self.held(handle, reviewer)
+        if queued.set_aside is not None:  # refused once: not fetched again
+            raise ImageChanged(queued.set_aside)
+        try:
+            return self.images.jpeg(queued.item)
+        except ImageChanged as exc:
+            self.queue.set_aside(handle, str(exc))
+            obs.CONSOLE_IMAGE_CHANGED.inc()
+            log.warning("console_image_changed", event_id=queued.item.event_id, sha256=queued.item.image.sha256,
+                        url=queued.item.image.url, reviewer=reviewer)  # fmt: skip
+            raise
 
     def mine(self, reviewer: str) -> list[Queued]:
         """The items this console saw ``reviewer`` claim that they still hold (the grid's page)."""
         with self._lock:
-            ids = [e for e, (r, until) in self._claims.items() if r == reviewer and until > time.time()]
-        held = self.leases.holders(ids)
-        return [q for e in ids if held.get(e) == reviewer and (q := self.queue.get(e)) is not None]
+            handles = [h for h, (r, until) in self._claims.items() if r == reviewer and until > time.time()]
+        held = self.leases.holders(handles)
+        return [q for h in handles if held.get(h) == reviewer and (q := self.queue.get(h)) is not None]
 
-    def skip(self, event_id: str, reviewer: str) -> None:
-        self.leases.release(event_id, reviewer)
+    def skip(self, handle: str, reviewer: str) -> None:
+        self.leases.release(handle, reviewer)
         with self._lock:
-            self._claims.pop(event_id, None)
-            self._skipped[(reviewer, event_id)] = time.time() + self.leases.ttl_ms / 1000
+            self._claims.pop(handle, None)
+            self._skipped[(reviewer, handle)] = time.time() + self.leases.ttl_ms / 1000
 
-    def _claimed(self, event_id: str, reviewer: str) -> None:
+    def _claimed(self, handle: str, reviewer: str) -> None:
         obs.CONSOLE_CLAIMS.inc()
         with self._lock:
-            self._claims[event_id] = (reviewer, time.time() + self.leases.ttl_ms / 1000)
+            self._claims[handle] = (reviewer, time.time() + self.leases.ttl_ms / 1000)
 
     def expire_claims(self) -> None:
         """Count the claims made here that expired without a verdict (their items are back in the queue)."""
         now = time.time()
         with self._lock:
-            overdue = [(e, r) for e, (r, until) in self._claims.items() if until < now]
+            overdue = [(h, r) for h, (r, until) in self._claims.items() if until < now]
         if not overdue:
             return
-        held = self.leases.holders([e for e, _ in overdue])
-        for event_id, reviewer in overdue:
-            if held.get(event_id) == reviewer:  # renewed since: still theirs
+        held = self.leases.holders([h for h, _ in overdue])
+        for handle, reviewer in overdue:
+            if held.get(handle) == reviewer:  # renewed since: still theirs
                 with self._lock:
-                    self._claims[event_id] = (reviewer, now + self.leases.expires_in(event_id))
+                    self._claims[handle] = (reviewer, now + self.leases.expires_in(handle))
                 continue
             with self._lock:
-                self._claims.pop(event_id, None)
-            if self.queue.get(event_id) is not None and self.queue.verdict(event_id) is None:
+                self._claims.pop(handle, None)
+            if self.queue.stage(handle) is not None:
                 obs.CONSOLE_LEASE_EXPIRIES.inc()
-                log.info("console_lease_expired", event_id=event_id, reviewer=reviewer)
+                log.info("console_lease_expired", handle=handle, reviewer=reviewer)
 
     # --- verdicts ------------------------------------------------------------------------------------
+    def second_opinion(self, handle: str, reviewer: str) -> bool:
+        """Whether ``reviewer``'s verdict on this item is a second opinion (double review): the item waits
+        for one and the first verdict is someone else's, or it is the second reviewer's own to change."""
+        first = self.queue.verdict(handle)
+        second = self.queue.second_opinion(handle)
+        if second is not None and second.reviewer == reviewer:
+            return True
+        return self.queue.stage(handle) == "second" and first is not None and first.reviewer != reviewer
+
     def submit(
         self,
-        event_id: str,
+        handle: str,
         reviewer: str,
         verdict: VerdictKind,
         categories: list[str],
@@ -153,17 +187,22 @@ class ReviewService:
     ) -> Submitted:
         """Publish ``reviewer``'s verdict on an item they hold; an identical resubmission publishes nothing.
         With ``bank`` (a confirm), the image goes to that known-image bank first (nothing is published
-        if it cannot)."""
+        if it cannot: its bytes must be the ones the worker scored)."""
         categories = sorted(set(categories)) if verdict == "confirm" else []
-        current = self.queue.verdict(event_id)
+        second = self.second_opinion(handle, reviewer)
+        current = self.queue.second_opinion(handle) if second else self.queue.verdict(handle)
         same = (verdict, categories, reviewer, note[:2000])
         unchanged = (
             current is not None and (current.verdict, current.categories, current.reviewer, current.note) == same
         )
         if unchanged and bank is None and current is not None:
             return Submitted(current, published=False)  # a double submission: nothing changes
-        queued = self.held(event_id, reviewer)
+        queued = self.held(handle, reviewer)
         item = queued.item
+        if queued.set_aside is not None and verdict != "escalate":
+            raise ConsoleError(f"{queued.set_aside}: it can only be escalated")
+        if second and verdict not in FINAL_VERDICTS:
+            raise ConsoleError("a second opinion is confirm or overturn (escalation is the first reviewer's)")
         unknown = sorted(set(categories) - set(item.scores))
         if unknown:
             raise ConsoleError(f"unknown categories {unknown} (the policy's are {sorted(item.scores)})")
@@ -176,24 +215,26 @@ class ReviewService:
                 entry = self.banks.add(item, bank, reviewer, ", ".join(categories) + (f": {note}" if note else ""))
             except BankRefused as exc:
                 raise ConsoleError(str(exc)) from None
-            log.info("bank_entry_added", event_id=event_id, bank=bank, reviewer=reviewer, pdq_quality=entry.pdq_quality)
+            log.info("bank_entry_added", event_id=item.event_id, bank=bank, reviewer=reviewer,
+                     pdq_quality=entry.pdq_quality)  # fmt: skip
         judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
                           model=item.model, image_precision=item.image_precision)  # fmt: skip
         record = Verdict(
-            event_id=event_id, verdict=verdict, categories=categories, reviewer=reviewer, note=note[:2000],
+            event_id=item.event_id, verdict=verdict, categories=categories, reviewer=reviewer, note=note[:2000],
             revision=(current.revision + 1) if current is not None else 1, judged=judged, sampled=item.sampled,
-            sample_rate=item.sample_rate, decided_at=item.decided_at, reviewed_at=utc_now(),
+            sample_rate=item.sample_rate, retroactive=item.retroactive, image_sha256=item.image.sha256 or None,
+            second_opinion=second, decided_at=item.decided_at, reviewed_at=utc_now(),
         )  # fmt: skip
         self.feeds.publish(record)
-        self.leases.release(event_id, reviewer)
+        self.leases.release(handle, reviewer)
         with self._lock:
-            self._claims.pop(event_id, None)
+            self._claims.pop(handle, None)
         obs.CONSOLE_VERDICTS.labels(verdict=verdict).inc()
         decided = _seconds_since(item.decided_at)
         if decided is not None:
             obs.CONSOLE_DECISION_TO_VERDICT.observe(decided)
-        log.info("verdict", event_id=event_id, verdict=verdict, categories=categories, reviewer=reviewer,
-                 revision=record.revision)  # fmt: skip
+        log.info("verdict", event_id=item.event_id, verdict=verdict, categories=categories, reviewer=reviewer,
+                 revision=record.revision, second_opinion=second)  # fmt: skip
         return Submitted(record, published=True)
 
 

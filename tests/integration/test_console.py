@@ -129,7 +129,7 @@ def console(reviewed, kafka_service) -> Iterator[Console]:
     kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
     c = Console(App(_console_settings(reviewed, topic_verdicts=topic, console_banks=("confirmed-weapons",))),
                 health=False).start()  # fmt: skip
-    wait_until(lambda: c.queue.depth()[0] == 40)
+    wait_until(lambda: c.queue.depth()["new"] == 40)
     yield c
     c.stop()
 
@@ -177,8 +177,9 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     context, page, requests = _login(browser, console, "alice")
     assert "40 items waiting" in page.inner_text("h1")
     page.keyboard.press("n")
-    page.wait_for_url(re.compile(r".*/item/c-.*"))
-    event_id = urllib.parse.unquote(page.url.rsplit("/item/", 1)[1])
+    page.wait_for_url(re.compile(r".*/item/[0-9a-f]{32}$"))  # items are named by an opaque handle
+    handle = page.url.rsplit("/item/", 1)[1]
+    event_id = console.queue.get(handle).item.event_id
     page.wait_for_function("() => document.querySelector('#shield img').complete")
     assert _filter(page, "#shield img") == "blur(28px) grayscale(1)"  # blurred and gray by default
     page.keyboard.press("r")
@@ -186,18 +187,19 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "console-item.png"))
     checked = page.eval_on_selector_all("input[name=category]:checked", "els => els.map(e => e.value)")
-    fired = sorted({t.category for t in console.queue.get(event_id).item.reasons})
+    fired = sorted({t.category for t in console.queue.get(handle).item.reasons})
     assert "weapons" in fired and sorted(checked) == fired  # the fired categories, pre-checked
     page.select_option("select[name=bank]", "confirmed-weapons")  # and into the bank it goes
     page.focus("#note")
     page.keyboard.press("Escape")
     with page.expect_navigation():
         page.keyboard.press("c")
-    assert urllib.parse.unquote(page.url.rsplit("/item/", 1)[1]) != event_id  # on to the next one
+    assert page.url.rsplit("/item/", 1)[1] != handle  # on to the next one
     wait_until(lambda: any(v["event_id"] == event_id for v in _verdicts(console.app.settings)))
     [verdict] = [v for v in _verdicts(console.app.settings) if v["event_id"] == event_id]
     assert (verdict["verdict"], verdict["categories"], verdict["reviewer"]) == ("confirm", fired, "alice")
     assert verdict["judged"]["decision"] == "review" and verdict["revision"] == 1
+    assert verdict["image_sha256"] == console.queue.get(handle).item.image.sha256  # the bytes it judged
     entries = read_entries(console.app.settings)
     assert set(entries) == {f"confirmed-weapons/{event_id}"}
     entry = entries[f"confirmed-weapons/{event_id}"]
@@ -235,10 +237,10 @@ def test_two_reviewers_claiming_at_once_never_get_the_same_item(console):
         opener, token = sessions[i]
         location = _post(opener, console.url + "/claim", urllib.parse.urlencode({"csrf_token": token}))
         for _ in range(10):
-            event_id = urllib.parse.unquote(location.rsplit("/item/", 1)[1])
-            claimed[i].append(event_id)
+            handle = location.rsplit("/item/", 1)[1]
+            claimed[i].append(console.queue.get(handle).item.event_id)
             form = urllib.parse.urlencode({"csrf_token": token, "verdict": "overturn"})
-            location = _post(opener, f"{console.url}/item/{urllib.parse.quote(event_id)}/verdict", form)
+            location = _post(opener, f"{console.url}/item/{handle}/verdict", form)
 
     threads = [threading.Thread(target=review, args=(i,)) for i in (0, 1)]
     for t in threads:
@@ -257,17 +259,17 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
     kafka_service.create_topics([NewTopic(topic, 1, compacted=True)])
     c = Console(App(_console_settings(reviewed, topic_verdicts=topic, console_lease_s=1.5)), health=False).start()
     try:
-        wait_until(lambda: c.queue.depth()[0] == 40)
+        wait_until(lambda: c.queue.depth()["new"] == 40)
         [first] = c.service.claim_next("alice")
         [other] = c.service.claim_next("bob")
-        assert other.item.event_id != first.item.event_id  # held: bob gets the next one
+        assert other.handle != first.handle  # held: bob gets the next one
         time.sleep(2.0)
-        [again] = c.service.claim_next("bob", exclude=frozenset({other.item.event_id}))
-        assert again.item.event_id == first.item.event_id  # alice's claim expired: back in the queue
+        [again] = c.service.claim_next("bob", exclude=frozenset({other.handle}))
+        assert again.handle == first.handle  # alice's claim expired: back in the queue
         from moderator.console.service import NotYours
 
         with pytest.raises(NotYours):  # a verdict only from the lease holder
-            c.service.submit(first.item.event_id, "alice", "overturn", [])
+            c.service.submit(first.handle, "alice", "overturn", [])
         wait_until(lambda: _metric("moderator_console_lease_expiries_total") >= 1, timeout=5)
     finally:
         c.stop()
@@ -275,7 +277,8 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
 
 def test_not_signed_in_and_missing_csrf_are_refused(browser, console):
     opener = urllib.request.build_opener(_NoRedirect())
-    for path in ("/", "/grid", "/item/c-001", "/image/c-001"):
+    handle = next(q.handle for q in console.queue.pending() if q.item.event_id == "c-001")
+    for path in ("/", "/grid", f"/item/{handle}", f"/image/{handle}"):
         response = opener.open(console.url + path)
         assert response.status == 303 and response.headers["Location"] == "/login", path
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -288,7 +291,8 @@ def test_not_signed_in_and_missing_csrf_are_refused(browser, console):
     cookie = next(c for c in context.cookies() if c["name"] == "moderator_console")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     token = page.get_attribute('meta[name="csrf-token"]', "content")
-    body = {"event_id": "c-002", "verdict": "overturn", "categories": []}
+    c002 = next(q.handle for q in console.queue.pending() if q.item.event_id == "c-002")
+    body = {"handle": c002, "verdict": "overturn", "categories": []}
     assert page.request.post("/api/verdict", data=body).status == 403  # signed in, but no token
     assert page.request.post("/api/verdict", data=body, headers={"X-CSRF-Token": "forged"}).status == 403
     assert page.request.post("/claim", form={"csrf_token": "forged"}, max_redirects=0).status == 403
@@ -300,13 +304,14 @@ def test_not_signed_in_and_missing_csrf_are_refused(browser, console):
 
 def test_a_url_image_is_served_by_the_console_and_the_page_never_requests_its_host(browser, console, image_host):
     context, page, requests = _login(browser, console, "alice")
-    page.request.post("/claim/c-url", form={"csrf_token": page.get_attribute('meta[name="csrf-token"]', "content")})
-    page.goto("/item/c-url")
+    handle = next(q.handle for q in console.queue.pending() if q.item.event_id == "c-url")
+    page.request.post(f"/claim/{handle}", form={"csrf_token": page.get_attribute('meta[name="csrf-token"]', "content")})
+    page.goto(f"/item/{handle}")
     page.wait_for_function("() => document.querySelector('#shield img').naturalWidth > 0")
     page.keyboard.press("r")
     assert not [u for u in requests if image_host.netloc in u]  # the browser never asked the image's host
     assert image_host.hits and all(ua.startswith("moderator/") for ua in image_host.hits)  # the console did
-    jpeg = page.request.get("/image/c-url")
+    jpeg = page.request.get(f"/image/{handle}")
     assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.body()[:2] == b"\xff\xd8"
     context.close()
 
@@ -317,19 +322,19 @@ def test_a_restarted_console_does_not_show_judged_items(reviewed, kafka_service)
     settings = _console_settings(reviewed, topic_verdicts=topic)
     first = Console(App(settings), health=False).start()
     try:
-        wait_until(lambda: first.queue.depth()[0] == 40)
-        judged = []
-        for q in first.service.claim_next("alice", count=5):
-            first.service.submit(q.item.event_id, "alice", "overturn", [])
-            judged.append(q.item.event_id)
-        again = first.service.submit(judged[0], "alice", "overturn", [])
+        wait_until(lambda: first.queue.depth()["new"] == 40)
+        claimed = first.service.claim_next("alice", count=5)
+        for q in claimed:
+            first.service.submit(q.handle, "alice", "overturn", [])
+        judged = [q.item.event_id for q in claimed]
+        again = first.service.submit(claimed[0].handle, "alice", "overturn", [])
         assert not again.published  # the same verdict twice: no second record
         time.sleep(2.5)  # one commit interval: the done-watermark goes to the broker
     finally:
         first.stop()
     second = Console(App(settings), health=False).start()
     try:
-        wait_until(lambda: second.queue.depth()[0] == 35)
+        wait_until(lambda: second.queue.depth()["new"] == 35)
         pending = {q.item.event_id for q in second.queue.pending()}
         assert not pending & set(judged) and len(pending) == 35
         assert len(_verdicts(settings)) == 5

@@ -15,11 +15,12 @@
     });
   }
 
-  function reveal(shield, eventId) {
+  function reveal(shield, handle) {
+    if (!shield) return; // an image refused (it changed since it was scored) has nothing to reveal
     const shown = shield.classList.toggle("revealed");
-    if (shown && eventId && !shield.dataset.counted) {
+    if (shown && handle && !shield.dataset.counted) {
       shield.dataset.counted = "1"; // one exposure per image and page view
-      post("/api/revealed", { event_id: eventId });
+      post("/api/revealed", { handle });
     }
   }
 
@@ -31,10 +32,12 @@
   // --- the item page -----------------------------------------------------------------------------
   const item = document.querySelector(".item");
   if (item) {
-    const eventId = item.dataset.eventId;
+    const handle = item.dataset.handle;
     const shield = document.getElementById("shield");
-    shield.addEventListener("click", () => reveal(shield, eventId));
-    document.getElementById("reveal").addEventListener("click", () => reveal(shield, eventId));
+    if (shield) {
+      shield.addEventListener("click", () => reveal(shield, handle));
+      document.getElementById("reveal").addEventListener("click", () => reveal(shield, handle));
+    }
     const lease = document.getElementById("lease");
     let left = parseInt(lease.dataset.seconds, 10);
     setInterval(() => {
@@ -59,7 +62,7 @@
     if (tile.classList.contains("done")) return;
     const categories = verdict === "confirm" ? tile.dataset.categories.split(",").filter(Boolean) : [];
     const status = tile.querySelector(".status");
-    const response = await post("/api/verdict", { event_id: tile.dataset.eventId, verdict, categories });
+    const response = await post("/api/verdict", { handle: tile.dataset.handle, verdict, categories });
     const answer = await response.json().catch(() => ({}));
     if (response.ok) {
       tile.classList.add("done");
@@ -73,7 +76,7 @@
 
   tiles.forEach((tile, i) => {
     const shield = tile.querySelector(".shield");
-    shield.addEventListener("click", () => { select(i); reveal(shield, tile.dataset.eventId); });
+    shield.addEventListener("click", () => { select(i); reveal(shield, tile.dataset.handle); });
     tile.addEventListener("click", () => select(i));
     tile.querySelectorAll("button[data-verdict]").forEach((b) =>
       b.addEventListener("click", (e) => { e.stopPropagation(); judge(tile, b.dataset.verdict); }));
@@ -92,11 +95,11 @@
       const tile = tiles[selected];
       const moves = { arrowright: 1, arrowleft: -1, arrowdown: 4, arrowup: -4 };
       if (key in moves) { select(selected + moves[key]); event.preventDefault(); return; }
-      if (key === "r" || key === " ") { reveal(tile.querySelector(".shield"), tile.dataset.eventId); event.preventDefault(); return; }
+      if (key === "r" || key === " ") { reveal(tile.querySelector(".shield"), tile.dataset.handle); event.preventDefault(); return; }
       const verdicts = { c: "confirm", o: "overturn", e: "escalate" };
       if (key in verdicts) { judge(tile, verdicts[key]); return; }
     }
-    if (item && (key === "r" || key === " ")) { document.getElementById("reveal").click(); event.preventDefault(); return; }
+    if (item && (key === "r" || key === " ")) { document.getElementById("reveal")?.click(); event.preventDefault(); return; }
     if (item && key === "/") { document.getElementById("note").focus(); event.preventDefault(); return; }
     if (item && /^[1-9]$/.test(key)) {
       const box = document.querySelector(`input[name="category"][data-index="${key}"]`);
