@@ -117,7 +117,7 @@ def test_bench_per_precision_in_one_run(tiny_clip_dir):
     assert int8["ceiling"]["image_precision"] == int8["gate"]["serving"]
     for what in ("ceiling", "worker"):
         ratio = int8[f"{what}_over_float32_ceiling"]
-        assert ratio == pytest.approx(int8[what]["images_per_s"] / fp32["ceiling"]["images_per_s"], rel=0.01)
+        assert ratio == pytest.approx(int8[what]["images_per_s"] / fp32["ceiling"]["images_per_s"], rel=0.01, abs=6e-4)
     gate = int8["gate"]
     assert gate["probe_images"] == 200 and gate["min_cosine"] >= 0.99 and set(gate["agreement"]) == {"bench"}
     assert gate["image_tower"] == ("openvino-int8" if gate["serving"] == "int8" else "onednn-fused")
