@@ -208,6 +208,33 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iso_time(text: str | None, flag: str) -> Any:
+    """An ISO 8601 time from the command line (UTC when it names no zone); ConfigError when it is not one."""
+    from datetime import datetime, timezone
+
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected an ISO 8601 time, e.g. 2026-12-01T00:00:00Z") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def cmd_verdicts_export(args: argparse.Namespace) -> int:
+    from moderator.verdict_log import read_all, row, select, to_csv
+
+    chosen = select(read_all(_app(args)), _iso_time(args.since, "--since"), _iso_time(args.until, "--until"),
+                    current=args.current)  # fmt: skip
+    if args.format == "csv":
+        sys.stdout.write(to_csv(chosen))
+    else:
+        for v in chosen:
+            print(json.dumps(row(v)))
+    print(f"{len(chosen)} verdicts", file=sys.stderr)
+    return 0
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     import signal
 
@@ -242,6 +269,8 @@ def cmd_console_add_user(args: argparse.Namespace) -> int:
 
     from moderator.console.auth import USERNAME_RE, hash_password
 
+    ln = load_settings().console_scrypt_ln
+
     if not USERNAME_RE.match(args.name):
         print("moderator console add-user: a name is 1-64 of letters, digits and _ . @ -", file=sys.stderr)
         return 2
@@ -255,7 +284,8 @@ def cmd_console_add_user(args: argparse.Namespace) -> int:
     if len(password) < 8:
         print("moderator console add-user: a password has at least 8 characters", file=sys.stderr)
         return 1
-    print(f"{args.name}:{hash_password(password)}")
+    role = "" if args.role == "reviewer" else f"{args.role}:"
+    print(f"{args.name}:{role}{hash_password(password, ln=ln)}")
     return 0
 
 
@@ -486,7 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="console_command")
     pa = csub.add_parser("add-user", help="print a reviewer accounts-file line (asks for the password)")
     pa.add_argument("name")
+    pa.add_argument("--role", choices=("reviewer", "lead", "admin"), default="reviewer",
+                    help="lead: finalizes escalations, changes others' verdicts, adds to banks; admin: also sees who"
+                    " holds what")  # fmt: skip
     pa.set_defaults(func=cmd_console_add_user)
+
+    p = sub.add_parser("verdicts", help="the reviewers' verdicts: export them for QA")
+    vsub = p.add_subparsers(dest="verdicts_command", required=True)
+    pv = vsub.add_parser("export", help="every verdict record (or the current ones) as CSV or JSON lines")
+    pv.add_argument("--since", help="only verdicts given at or after this time (ISO 8601)")
+    pv.add_argument("--until", help="only verdicts given before this time")
+    pv.add_argument("--current", action="store_true", help="only the latest revision of each verdict")
+    pv.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    pv.set_defaults(func=cmd_verdicts_export)
 
     p = sub.add_parser("produce", help="publish image events (files inline, http(s) URLs by reference)")
     p.add_argument("items", nargs="+", metavar="PATH_OR_URL", help="image files, directories or URLs")

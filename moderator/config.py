@@ -163,8 +163,20 @@ class Settings(BaseSettings):
     # a header set by an authenticating proxy, trusted only from console_trusted_proxies.
     console_accounts_file: Path | None = None
     console_trusted_user_header: str | None = None  # e.g. X-Forwarded-User
-    console_trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
-    console_secret_key: SecretStr | None = None  # signs session cookies; share it between replicas
+    console_trusted_groups_header: str | None = None  # e.g. X-Forwarded-Groups: the role, by group
+    console_lead_groups: tuple[str, ...] = ("moderator-leads",)
+    console_admin_groups: tuple[str, ...] = ("moderator-admins",)
+    # The proxies' own addresses or CIDR ranges (the TCP peer; X-Forwarded-For is never believed).
+    console_trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Signs session cookies (at least 32 characters; the same on every replica). Sessions themselves
+    # live in Redis: signing out, or an account leaving the accounts file, ends them at once.
+    console_secret_key: SecretStr | None = None
+    console_idle_minutes: float = Field(30.0, gt=0, le=24 * 60)  # a session unused this long ends
+    # Host names the console answers to (DNS rebinding); the allowed origins' hosts are added.
+    console_allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    console_scrypt_ln: int = Field(15, ge=10, le=20)  # cost of new password hashes (add-user): N = 2^ln
+    console_login_free_attempts: int = Field(5, ge=1, le=100)  # failures before the waits begin
+    console_max_leases: int = Field(25, ge=1, le=1000)  # items one reviewer holds at most
     console_https: bool = False  # behind TLS: Secure cookies and Strict-Transport-Security
     console_allowed_origins: tuple[str, ...] = ()  # the public origin(s), e.g. https://review.example.com
     console_session_hours: float = Field(8.0, gt=0, le=168)
@@ -180,6 +192,23 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
     kafka_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # kafka-python's own lines
+
+    @field_validator("console_trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from moderator.console.auth import parse_networks
+
+        parse_networks(v)
+        return v
+
+    @field_validator("console_secret_key")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError(
+                "at least 32 characters (make one: python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return v
 
     @field_validator("kafka_api_version")
     @classmethod

@@ -334,6 +334,10 @@ class Verdict(_Record):
     second_opinion: bool = Field(
         False, description="a second reviewer's independent verdict (double review): it never replaces the first"
     )
+    role: Literal["reviewer", "lead", "admin"] | None = Field(
+        None, description="the reviewer's role when they gave it (null in older records)"
+    )
+    assigned_to: str | None = Field(None, description="an escalation assigned to this lead (only they finalize it)")
     decided_at: str = Field(description="when the judged decision was made")
     reviewed_at: str
 

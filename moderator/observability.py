@@ -233,10 +233,16 @@ CONSOLE_IMAGE_CHANGED = Counter(
     "Review items whose image bytes differ from those the worker scored (refused, set aside)",
     registry=REGISTRY,
 )
+CONSOLE_LOGIN_REFUSED = Counter(
+    "moderator_console_logins_refused_total",
+    "Sign-ins refused before a password was checked (backoff: too many failures; busy: the hash pool is full)",
+    ["why"],
+    registry=REGISTRY,
+)
 CONSOLE_REVEALS = Counter(
     "moderator_console_images_revealed_total",
-    "Images a reviewer unblurred: an exposure figure to watch, per reviewer",
-    ["reviewer"],
+    "Images reviewers unblurred: an exposure figure to watch (per reviewer: the console_reveal log lines;"
+    " metrics name no person)",
     registry=REGISTRY,
 )
 

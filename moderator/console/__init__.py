@@ -20,19 +20,22 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from moderator import clients
 from moderator.app import App
 from moderator.console.app import WebConfig, create_app
-from moderator.console.auth import Accounts, hash_password
+from moderator.console.auth import AccountsFile, hash_password, parse_networks
 from moderator.console.banks import ConsoleBanks
 from moderator.console.feeds import ConsoleFeeds
 from moderator.console.images import ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import ReviewQueue
+from moderator.console.security import host_name
 from moderator.console.service import ReviewService
+from moderator.console.sessions import Sessions
 from moderator.observability import HealthServer, get_logger
 
 log = get_logger(__name__)
@@ -42,11 +45,15 @@ class ConsoleConfigError(Exception):
     """The console cannot start as configured; the message says what to set."""
 
 
+def _accounts_error(message: str) -> None:
+    log.error("console_accounts_unreadable", error=message, consequence="the last good accounts stay in use")
+
+
 def dev_account(directory: Path) -> tuple[Path, str, str]:
     """A throwaway reviewer account for development: (accounts file, name, password)."""
     password = secrets.token_urlsafe(12)
     path = directory / "dev-reviewers.txt"
-    path.write_text(f"dev:{hash_password(password)}\n")
+    path.write_text(f"dev:admin:{hash_password(password, ln=12)}\n")
     return path, "dev", password
 
 
@@ -69,7 +76,7 @@ class Console:
                 " by `moderator console add-user NAME`) and/or MODERATOR_CONSOLE_TRUSTED_USER_HEADER (a header"
                 " your authenticating proxy sets); or start it with --dev to try it with a throwaway account"
             )
-        accounts = Accounts.load(accounts_file) if accounts_file is not None else None
+        accounts = AccountsFile(accounts_file, on_error=_accounts_error) if accounts_file is not None else None
         secret = s.console_secret_key.get_secret_value() if s.console_secret_key else None
         if secret is None:
             secret = secrets.token_hex(32)
@@ -77,21 +84,31 @@ class Console:
                 log.warning("console_secret_key_generated", consequence="sessions end when the console restarts",
                             fix="set MODERATOR_CONSOLE_SECRET_KEY (the same on every replica)")  # fmt: skip
         redis = clients.make_redis(s.redis_url.get_secret_value(), 2000, 2000)
+        self.redis = redis
         self.queue = ReviewQueue()
         self.leases = Leases(redis, s.console_redis_prefix, s.console_lease_s)
+        self.sessions = Sessions(redis, s.console_redis_prefix, s.console_idle_minutes * 60,
+                                 s.console_session_hours * 3600)  # fmt: skip
         self.feeds = ConsoleFeeds(app, self.queue)
         self.images = ReviewImages(app)
         banks = ConsoleBanks(app, self.images, self.feeds) if s.console_banks else None
-        self.service = ReviewService(self.queue, self.leases, self.feeds, self.images, banks=banks)
+        self.service = ReviewService(self.queue, self.leases, self.feeds, self.images, banks=banks,
+                                     max_leases=s.console_max_leases)  # fmt: skip
         self.feeds.on_tick = self.service.expire_claims
+        hosts = set(s.console_allowed_hosts) | {host_name(urlsplit(o).netloc) for o in s.console_allowed_origins}
+        if s.console_host not in ("0.0.0.0", "::", ""):
+            hosts.add(s.console_host)
         self.web = create_app(
             WebConfig(
                 secret_key=secret, accounts=accounts, trusted_user_header=s.console_trusted_user_header,
-                trusted_proxies=frozenset(s.console_trusted_proxies), https=s.console_https,
-                allowed_origins=frozenset(s.console_allowed_origins), session_s=int(s.console_session_hours * 3600),
-                grid_size=s.console_grid_size, lease_s=s.console_lease_s, dev=dev, banks=tuple(s.console_banks),
+                trusted_proxies=parse_networks(s.console_trusted_proxies), https=s.console_https,
+                allowed_origins=frozenset(s.console_allowed_origins), allowed_hosts=frozenset(hosts),
+                grid_size=min(s.console_grid_size, s.console_max_leases), lease_s=s.console_lease_s, dev=dev,
+                banks=tuple(s.console_banks), trusted_groups_header=s.console_trusted_groups_header,
+                lead_groups=tuple(s.console_lead_groups), admin_groups=tuple(s.console_admin_groups),
+                login_free_attempts=s.console_login_free_attempts,
             ),
-            self.queue, self.service,
+            self.queue, self.service, self.sessions,
         )  # fmt: skip
         self.health = HealthServer(s.http_host, s.http_port) if health else None
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -106,6 +123,7 @@ class Console:
                 server_header=False,
                 lifespan="off",
                 timeout_graceful_shutdown=3,
+                proxy_headers=False,  # the peer is the TCP peer: X-Forwarded-For never decides who is trusted
             )
         )
         self._thread: threading.Thread | None = None
@@ -120,6 +138,7 @@ class Console:
         self.feeds.start()
         if self.health is not None:
             self.health.add_check("verdicts_loaded", self.feeds.loaded.is_set)
+            self.health.add_check("redis", self._redis_ok)
             self.health.start()
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
@@ -130,6 +149,12 @@ class Console:
             time.sleep(0.02)
         log.info("console_started", url=self.url, dev=self.dev, group=self.app.settings.console_group_id)
         return self
+
+    def _redis_ok(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except Exception:
+            return False
 
     def wait(self) -> None:
         while self._thread is not None and self._thread.is_alive():

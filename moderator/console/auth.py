@@ -1,32 +1,54 @@
-"""Reviewer accounts: salted scrypt password hashes in a file (stdlib only).
+"""Who a reviewer is: accounts with roles, the trusted proxy header, and the login guard (pure, stdlib).
 
-The file (``MODERATOR_CONSOLE_ACCOUNTS_FILE``) has one account per line, ``#`` comments and blank lines
-ignored; the hash is a PHC-style string, so its parameters travel with it::
+**Accounts** (``MODERATOR_CONSOLE_ACCOUNTS_FILE``): one per line, ``#`` comments and blank lines ignored;
+the role (``reviewer``, ``lead`` or ``admin``) may follow the name, the default is ``reviewer``; the hash
+is a PHC-style string, so its parameters travel with it::
 
     alice:$scrypt$ln=15,r=8,p=1$<salt, base64>$<32-byte key, base64>
+    lena:lead:$scrypt$ln=15,r=8,p=1$...
 
-``moderator console add-user NAME >> reviewers.txt`` writes a line (it asks for the password twice on
-a terminal, or reads one line from standard input).
+``moderator console add-user NAME [--role lead] >> reviewers.txt`` writes a line. The file is read again
+when it changes (:class:`AccountsFile`): an account removed from it is signed out at its next request.
+
+**Trusted header**: behind an authenticating proxy, the reviewer's name (and groups, for the role) come
+from headers, believed only when the TCP peer itself is one of ``MODERATOR_CONSOLE_TRUSTED_PROXIES``
+(addresses or CIDR ranges; never an ``X-Forwarded-For``) and the header is there exactly once.
+
+**Login guard**: failed sign-ins per client address and per account name earn a doubling wait (after a
+few free tries) during which no password is even hashed; the hashing itself runs on its own small pool
+(``app.py``), so a flood of logins cannot take the threads that claims and verdicts need.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-LN, R, P = 15, 8, 1  # N = 2^15: about 0.1 s and 32 MiB per hash
+Role = Literal["reviewer", "lead", "admin"]
+ROLES: tuple[Role, ...] = ("reviewer", "lead", "admin")  # each may do what the ones before it may
+LN, R, P = 15, 8, 1  # N = 2^15: about 0.1 s and 32 MiB per hash (MODERATOR_CONSOLE_SCRYPT_LN)
+MAX_LN = 20  # 1 GiB per hash at r = 8: a hash line asking for more is refused, not computed
 DKLEN = 32
-MAXMEM = 64 * 1024 * 1024  # OpenSSL's default limit (32 MiB) refuses N = 2^15, r = 8
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
 class AccountsError(ValueError):
     """The accounts file cannot be used; the message names the file and line."""
+
+
+def at_least(role: Role, needed: Role) -> bool:
+    return ROLES.index(role) >= ROLES.index(needed)
 
 
 def _b64(data: bytes) -> str:
@@ -37,9 +59,17 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
+def _maxmem(n: int, r: int, p: int) -> int:
+    """What scrypt needs (128 r N for V, 128 r p for B, some slack): OpenSSL refuses more than maxmem."""
+    return 128 * r * (n + p + 2) + (1 << 20)
+
+
 def hash_password(password: str, *, ln: int = LN) -> str:
+    if not 10 <= ln <= MAX_LN:
+        raise ValueError(f"scrypt cost ln={ln}: choose 10 to {MAX_LN} (15 = 2^15, about 0.1 s)")
     salt = os.urandom(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=2**ln, r=R, p=P, maxmem=MAXMEM, dklen=DKLEN)
+    n = 2**ln
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=R, p=P, maxmem=_maxmem(n, R, P), dklen=DKLEN)
     return f"$scrypt$ln={ln},r={R},p={P}${_b64(salt)}${_b64(key)}"
 
 
@@ -51,18 +81,49 @@ def verify_password(password: str, encoded: str) -> bool:
         salt, expected = _unb64(salt_b64), _unb64(key_b64)
     except (ValueError, KeyError):
         return False
-    if scheme != "scrypt" or not (1 <= ln <= 20):
+    if scheme != "scrypt" or not (1 <= ln <= MAX_LN) or not (1 <= r <= 32) or not (1 <= p <= 16):
         return False
-    key = hashlib.scrypt(password.encode(), salt=salt, n=2**ln, r=r, p=p, maxmem=MAXMEM, dklen=len(expected))
+    n = 2**ln
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_maxmem(n, r, p), dklen=len(expected))
     return hmac.compare_digest(key, expected)
 
 
-_DUMMY = hash_password("not a password of anyone")  # checked for unknown names: a wrong name costs as long
+@functools.cache
+def _dummy() -> str:  # checked for unknown names: a wrong name costs as long as a wrong password
+    return hash_password("not a password of anyone")
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    role: Role
+    hash: str
 
 
 @dataclass(frozen=True)
 class Accounts:
-    hashes: dict[str, str]
+    accounts: dict[str, Account]
+
+    @classmethod
+    def parse(cls, text: str, path: Path | str = "<accounts>") -> Accounts:
+        accounts: dict[str, Account] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, rest = line.partition(":")
+            role = "reviewer"
+            if sep and not rest.startswith("$"):
+                role, sep, rest = rest.partition(":")
+            if not sep or not USERNAME_RE.match(name) or not rest.startswith("$scrypt$") or role not in ROLES:
+                raise AccountsError(
+                    f"{path}:{number}: expected NAME:$scrypt$... or NAME:ROLE:$scrypt$... with ROLE one of"
+                    f" {', '.join(ROLES)} (make one with: moderator console add-user NAME --role ROLE)"
+                )
+            accounts[name] = Account(name, role, rest)
+        if not accounts:
+            raise AccountsError(f"{path}: no reviewer accounts (add one with: moderator console add-user NAME)")
+        return cls(accounts)
 
     @classmethod
     def load(cls, path: Path) -> Accounts:
@@ -70,22 +131,146 @@ class Accounts:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise AccountsError(f"{path}: cannot read the reviewer accounts: {exc.strerror or exc}") from None
-        hashes: dict[str, str] = {}
-        for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, sep, encoded = line.partition(":")
-            if not sep or not USERNAME_RE.match(name) or not encoded.startswith("$scrypt$"):
-                raise AccountsError(
-                    f"{path}:{number}: expected NAME:$scrypt$... (make one with: moderator console add-user NAME)"
-                )
-            hashes[name] = encoded
-        if not hashes:
-            raise AccountsError(f"{path}: no reviewer accounts (add one with: moderator console add-user NAME)")
-        return cls(hashes)
+        return cls.parse(text, path)
 
-    def check(self, name: str, password: str) -> bool:
-        encoded = self.hashes.get(name)
-        ok = verify_password(password, encoded or _DUMMY)
-        return ok and encoded is not None
+    def check(self, name: str, password: str) -> Account | None:
+        """The account, if the password is its own (as slow for an unknown name as for a known one)."""
+        account = self.accounts.get(name)
+        ok = verify_password(password, account.hash if account else _dummy())
+        return account if ok and account is not None else None
+
+    def role(self, name: str) -> Role | None:
+        account = self.accounts.get(name)
+        return account.role if account is not None else None
+
+
+class AccountsFile:
+    """The accounts file, read again when it changes (checked at most once a second). A file that
+    became unreadable or invalid keeps the last good accounts, and says so once."""
+
+    def __init__(self, path: Path, on_error: Callable[[str], None] = lambda message: None) -> None:
+        self.path = Path(path)
+        self.on_error = on_error
+        self._accounts = Accounts.load(self.path)  # fails fast at start-up
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def current(self) -> Accounts:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return self._accounts
+        with self._lock:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._accounts = Accounts.load(self.path)
+                except AccountsError as exc:
+                    self.on_error(str(exc))
+        return self._accounts
+
+
+# --- the trusted proxy ------------------------------------------------------------------------------
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses or CIDR ranges (``10.0.0.0/8``); ValueError naming the one that is neither."""
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8)") from None
+    return tuple(out)
+
+
+def peer_trusted(peer: str | None, networks: Sequence[Network]) -> bool:
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def header_once(values: Sequence[str]) -> str | None:
+    """The header's value when it was sent exactly once and is not empty; else None (a second copy may
+    be one the client added, ahead of or behind the proxy's)."""
+    if len(values) != 1:
+        return None
+    value = values[0].strip()
+    return value or None
+
+
+def role_of_groups(groups: str, leads: Iterable[str], admins: Iterable[str]) -> Role:
+    """The role a proxy's group header gives (comma- or space-separated group names)."""
+    names = {g for g in re.split(r"[,\s]+", groups) if g}
+    if names & set(admins):
+        return "admin"
+    if names & set(leads):
+        return "lead"
+    return "reviewer"
+
+
+# --- the login guard --------------------------------------------------------------------------------
+@dataclass
+class _Failures:
+    count: int = 0
+    until: float = 0.0  # no attempt before this
+    last: float = 0.0
+
+
+class LoginGuard:
+    """Failed sign-ins per key (``ip:<address>``, ``account:<name>``): after ``free`` failures each one
+    doubles the wait before the next attempt, from ``base_s`` up to ``max_s``; a success clears the
+    account's count. Forgotten after ``forget_s`` without failures. Pure: the clock is a parameter."""
+
+    def __init__(self, free: int = 5, base_s: float = 1.0, max_s: float = 900.0, forget_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:  # fmt: skip
+        self.free, self.base_s, self.max_s, self.forget_s = free, base_s, max_s, forget_s
+        self.clock = clock
+        self.max_keys = max_keys
+        self._failures: dict[str, _Failures] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, keys: Iterable[str]) -> float:
+        """Seconds before these keys may try again (0: now)."""
+        now = self.clock()
+        with self._lock:
+            return max([f.until - now for k in keys if (f := self._failures.get(k))] + [0.0])
+
+    def failed(self, keys: Iterable[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._failures) >= self.max_keys:
+                self._forget(now)
+            for key in keys:
+                f = self._failures.setdefault(key, _Failures())
+                if now - f.last > self.forget_s:
+                    f.count = 0
+                f.count += 1
+                f.last = now
+                if f.count > self.free:
+                    f.until = now + min(self.max_s, self.base_s * 2 ** (f.count - self.free - 1))
+
+    def succeeded(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+    def _forget(self, now: float) -> None:
+        for key in [k for k, f in self._failures.items() if now - f.last > self.forget_s and f.until < now]:
+            del self._failures[key]
+        while len(self._failures) >= self.max_keys:  # still full: the oldest go
+            del self._failures[min(self._failures, key=lambda k: self._failures[k].last)]

@@ -8,7 +8,8 @@ Either way the bytes must be the ones the worker scored: their sha256 is compare
 review item carries, and other bytes (an uploader's server that answers differently now, an id re-used
 for another image) are refused (:class:`ImageChanged`), never shown, never hashed into a bank. Then
 they are decoded with the worker's limits and re-encoded as a JPEG (EXIF orientation applied, metadata
-dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never the uploaded bytes.
+dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never the uploaded bytes,
+and until the reviewer reveals it only a small blurred gray rendition (:meth:`ReviewImages.blurred`).
 Results are kept in a small in-memory cache by the item's handle (event id and image sha256).
 """
 
@@ -20,7 +21,7 @@ import threading
 from collections import OrderedDict
 
 from kafka import TopicPartition
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from moderator.app import App
 from moderator.errors import ReasonError
@@ -28,6 +29,7 @@ from moderator.events import ReviewItem, parse_event
 from moderator.images import ImageLimits, decode
 
 MAX_SIDE = 1600
+BLUR_SIDE = 96  # the blurred rendition: what the page shows before a reveal
 CACHE_BYTES = 128 * 1024 * 1024
 
 
@@ -63,9 +65,29 @@ class ReviewImages:
         image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=90)
-        jpeg = out.getvalue()
+        return self._keep(item.handle, out.getvalue())
+
+    def blurred(self, item: ReviewItem) -> bytes:
+        """The rendition shown until a reveal: at most ``BLUR_SIDE`` pixels a side, gray and blurred, so
+        that opening it in a new tab or saving it shows no more than the page does. Made from
+        :meth:`jpeg` (the same checks)."""
+        key = item.handle + "#blurred"
         with self._cache_lock:
-            self._cache[item.handle] = jpeg
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        with Image.open(io.BytesIO(self.jpeg(item))) as full:
+            small = full.convert("L")
+            small.thumbnail((BLUR_SIDE, BLUR_SIDE), Image.Resampling.BOX)
+            small = small.filter(ImageFilter.GaussianBlur(max(1.5, max(small.size) / 24)))
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=70)
+        return self._keep(key, out.getvalue())
+
+    def _keep(self, key: str, jpeg: bytes) -> bytes:
+        with self._cache_lock:
+            self._cache[key] = jpeg
             self._cache_bytes += len(jpeg)
             while self._cache_bytes > CACHE_BYTES and self._cache:
                 _, old = self._cache.popitem(last=False)

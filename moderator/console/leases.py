@@ -5,6 +5,15 @@ A lease is one key per item, ``<prefix>lease:<handle>`` (the item's event id and
 holding the reviewer's name, set only if absent (``SET NX PX``): the first claim wins, atomically,
 across every console replica. It expires after ``ttl_s`` unless renewed; renewing and releasing check
 the holder in one Lua script, so a reviewer can never extend or drop another's claim.
+
+Beside the leases, in the same Redis and so shared by every replica:
+
+- ``<prefix>holds:<reviewer>``: the handles a reviewer claimed (``held_by`` keeps those whose lease is
+  still theirs): the per-reviewer limit, and the grid of what one holds, whichever replica served it.
+- ``<prefix>revealed:<handle>:<reviewer>``: the reviewer revealed this image (the original is served
+  only then), for as long as a lease.
+- ``<prefix>revision:<key>:<n>``: revision ``n`` of a verdict is being published (``SET NX``): two quick
+  submits, on one replica or two, never both publish the same revision.
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ _IF_HOLDER_EXPIRE = _IF_HOLDER.format("'pexpire', KEYS[1], ARGV[2]")
 _IF_HOLDER_DELETE = _IF_HOLDER.format("'del', KEYS[1]")
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Leases:
     def __init__(self, client: redis.Redis, prefix: str, ttl_s: float) -> None:
         self.client = client
@@ -26,33 +39,89 @@ class Leases:
         self._expire = client.register_script(_IF_HOLDER_EXPIRE)
         self._delete = client.register_script(_IF_HOLDER_DELETE)
 
-    def key(self, event_id: str) -> str:
-        return f"{self.prefix}lease:{event_id}"
+    def key(self, handle: str) -> str:
+        return f"{self.prefix}lease:{handle}"
 
-    def claim(self, event_id: str, reviewer: str) -> bool:
+    def _holds(self, reviewer: str) -> str:
+        return f"{self.prefix}holds:{reviewer}"
+
+    def claim(self, handle: str, reviewer: str) -> bool:
         """Take the item for ``reviewer`` if nobody holds it (or ``reviewer`` already does: renewed)."""
-        if self.client.set(self.key(event_id), reviewer, nx=True, px=self.ttl_ms):
+        if self.client.set(self.key(handle), reviewer, nx=True, px=self.ttl_ms):
+            pipe = self.client.pipeline()
+            pipe.sadd(self._holds(reviewer), handle)
+            pipe.pexpire(self._holds(reviewer), self.ttl_ms * 2)
+            pipe.execute()
             return True
-        return self.renew(event_id, reviewer)
+        return self.renew(handle, reviewer)
 
-    def holder(self, event_id: str) -> str | None:
-        value = self.client.get(self.key(event_id))
-        return value.decode() if isinstance(value, bytes) else value
+    def holder(self, handle: str) -> str | None:
+        value = self.client.get(self.key(handle))
+        return _text(value) if value is not None else None
 
-    def holders(self, event_ids: Sequence[str]) -> dict[str, str]:
+    def holders(self, handles: Sequence[str]) -> dict[str, str]:
         """The current holder of each of these items that has one (one round trip)."""
-        if not event_ids:
+        if not handles:
             return {}
-        values = self.client.mget([self.key(e) for e in event_ids])
-        return {e: v.decode() if isinstance(v, bytes) else str(v) for e, v in zip(event_ids, values, strict=True) if v}
+        values = self.client.mget([self.key(h) for h in handles])
+        return {h: _text(v) for h, v in zip(handles, values, strict=True) if v}
 
-    def expires_in(self, event_id: str) -> float:
+    def held_by(self, reviewer: str) -> list[str]:
+        """The items ``reviewer`` holds now, claimed on any replica (the stale ones are forgotten)."""
+        handles = sorted(_text(h) for h in self.client.smembers(self._holds(reviewer)))
+        held = self.holders(handles)
+        gone = [h for h in handles if held.get(h) != reviewer]
+        if gone:
+            self.client.srem(self._holds(reviewer), *gone)
+        return [h for h in handles if held.get(h) == reviewer]
+
+    def all(self, limit: int = 10_000) -> list[tuple[str, str, float]]:
+        """Every lease: (handle, holder, seconds left), for the admin's page."""
+        keys = []
+        for key in self.client.scan_iter(match=f"{self.prefix}lease:*", count=500):
+            keys.append(_text(key))
+            if len(keys) >= limit:
+                break
+        if not keys:
+            return []
+        pipe = self.client.pipeline()
+        for key in keys:
+            pipe.get(key)
+            pipe.pttl(key)
+        values = pipe.execute()
+        out = []
+        for i, key in enumerate(keys):
+            holder, ms = values[2 * i], values[2 * i + 1]
+            if holder is not None:
+                out.append((key.removeprefix(f"{self.prefix}lease:"), _text(holder), max(0, int(ms)) / 1000))
+        return out
+
+    def expires_in(self, handle: str) -> float:
         """Seconds left on the item's lease (0 when there is none)."""
-        ms = self.client.pttl(self.key(event_id))
+        ms = self.client.pttl(self.key(handle))
         return max(0, int(ms)) / 1000 if isinstance(ms, int) else 0.0
 
-    def renew(self, event_id: str, reviewer: str) -> bool:
-        return bool(self._expire(keys=[self.key(event_id)], args=[reviewer, self.ttl_ms]))
+    def renew(self, handle: str, reviewer: str) -> bool:
+        if not self._expire(keys=[self.key(handle)], args=[reviewer, self.ttl_ms]):
+            return False
+        self.client.pexpire(self._holds(reviewer), self.ttl_ms * 2)
+        return True
 
-    def release(self, event_id: str, reviewer: str) -> bool:
-        return bool(self._delete(keys=[self.key(event_id)], args=[reviewer]))
+    def release(self, handle: str, reviewer: str) -> bool:
+        released = bool(self._delete(keys=[self.key(handle)], args=[reviewer]))
+        self.client.srem(self._holds(reviewer), handle)
+        return released
+
+    # --- reveals and revisions -------------------------------------------------------------------------
+    def mark_revealed(self, handle: str, reviewer: str) -> None:
+        self.client.set(f"{self.prefix}revealed:{handle}:{reviewer}", "1", px=self.ttl_ms)
+
+    def revealed(self, handle: str, reviewer: str) -> bool:
+        return bool(self.client.exists(f"{self.prefix}revealed:{handle}:{reviewer}"))
+
+    def reserve_revision(self, key: str, revision: int, reviewer: str) -> bool:
+        """Whether ``reviewer`` may publish revision ``revision`` of verdict ``key`` (the first to ask)."""
+        return bool(self.client.set(f"{self.prefix}revision:{key}:{revision}", reviewer, nx=True, px=600_000))
+
+    def release_revision(self, key: str, revision: int, reviewer: str) -> None:
+        self._delete(keys=[f"{self.prefix}revision:{key}:{revision}"], args=[reviewer])

@@ -1,7 +1,12 @@
 """The console's request security, as pure-ASGI middleware: strict headers and CSRF.
 
-Order (outermost first): SecurityHeadersMiddleware -> SessionMiddleware -> CSRFMiddleware -> the app.
-CSRF sits inside the session middleware: it compares the request's token with the session's.
+Order (outermost first): SecurityHeadersMiddleware -> HostCheckMiddleware -> Starlette (its error
+handling, then SessionMiddleware -> CSRFMiddleware -> the routes). The headers sit outside Starlette, so
+its 500 pages get them too; CSRF sits inside the session middleware: it compares the request's token
+with the session's.
+
+- Host: a request naming a host the console does not serve is refused (400) before anything else: a
+  DNS-rebinding page cannot talk to a console on a reviewer's own machine.
 
 - Headers: a Content-Security-Policy allowing only the console's own scripts, styles and images (no
   inline script or style, no framing), nosniff, no referrer across origins, ``Cache-Control: no-store``
@@ -72,6 +77,30 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header: ``[::1]:8081`` -> ``::1``, ``Example.org:443`` -> ``example.org``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheckMiddleware:
+    """Only requests whose ``Host`` is one of ``allowed`` (``*`` allows any) reach the app."""
+
+    def __init__(self, app: ASGIApp, allowed: Iterable[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower() for h in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "*" not in self.allowed:
+            host = host_name(Headers(scope=scope).get("host", ""))
+            if host not in self.allowed:
+                await _deny(send, "unknown host (allowed: MODERATOR_CONSOLE_ALLOWED_HOSTS)", 400)
+                return
+        await self.app(scope, receive, send)
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from moderator import observability as obs
+from moderator.console.auth import USERNAME_RE, Role, at_least
 from moderator.console.banks import BankRefused, ConsoleBanks
 from moderator.console.feeds import ConsoleFeeds
 from moderator.console.images import ImageChanged, ReviewImages
@@ -40,6 +41,24 @@ class NotFound(ConsoleError):
     status = 404
 
 
+class Forbidden(ConsoleError):
+    """The reviewer's role does not allow it (a lead's or an admin's action)."""
+
+    status = 403
+
+
+@dataclass(frozen=True)
+class Person:
+    """The authenticated reviewer and their role (from the accounts file or the proxy's group header)."""
+
+    name: str
+    role: Role = "reviewer"
+
+    @property
+    def lead(self) -> bool:
+        return at_least(self.role, "lead")
+
+
 @dataclass(frozen=True)
 class Submitted:
     verdict: Verdict
@@ -55,6 +74,7 @@ class ReviewService:
         images: ReviewImages,
         scan_limit: int = 500,
         banks: ConsoleBanks | None = None,
+        max_leases: int = 25,
     ) -> None:
         self.queue = queue
         self.leases = leases
@@ -62,46 +82,88 @@ class ReviewService:
         self.images = images
         self.banks = banks  # where a confirmed image may also go (MODERATOR_CONSOLE_BANKS)
         self.scan_limit = scan_limit  # candidates looked at per claim (their leases in one round trip)
+        self.max_leases = max_leases  # items one reviewer may hold at once (across replicas)
         self._claims: dict[str, tuple[str, float]] = {}  # made here: handle -> (reviewer, expiry)
         self._skipped: dict[tuple[str, str], float] = {}  # (reviewer, handle) -> until when
         self._lock = threading.Lock()
 
     # --- claims ---------------------------------------------------------------------------------------
     def claim_next(
-        self, reviewer: str, count: int = 1, escalated: bool = False, exclude: frozenset[str] = frozenset()
+        self, who: Person, count: int = 1, escalated: bool = False, exclude: frozenset[str] = frozenset()
     ) -> list[Queued]:
-        """Claim up to ``count`` items: the first by priority, then age, that nobody holds and ``reviewer``
-        may judge (a first verdict, or a second opinion on another reviewer's), and not those in
-        ``exclude``, nor those ``reviewer`` skipped while their lease would have run."""
+        """Claim up to ``count`` items: the first by priority, then age, that nobody holds and ``who``
+        may judge (a first verdict, or a second opinion on another reviewer's; escalations: leads only,
+        and an assigned one only its lead), and not those in ``exclude``, nor those ``who`` skipped while
+        their lease would have run. Never more than ``max_leases`` held at once."""
+        if escalated and not who.lead:
+            raise Forbidden("only a lead finalizes an escalation")
+        count = min(count, self._room(who.name))
         now = time.time()
         got: list[Queued] = []
         candidates = [
-            q for q in self.queue.pending("escalated" if escalated else "new", for_reviewer=reviewer)
-            if q.handle not in exclude and self._skipped.get((reviewer, q.handle), 0) < now
+            q for q in self.queue.pending("escalated" if escalated else "new", for_reviewer=who.name)
+            if q.handle not in exclude and self._skipped.get((who.name, q.handle), 0) < now
+            and (not escalated or self._assigned_ok(q.handle, who))
         ][: self.scan_limit]  # fmt: skip
+        stages = {q.handle: self.queue.stage(q.handle) for q in candidates}
         held = self.leases.holders([q.handle for q in candidates])
         for q in candidates:
             if len(got) >= count:
                 break
             holder = held.get(q.handle)
-            if holder is not None and holder != reviewer:
+            if holder is not None and holder != who.name:
                 continue
-            if self.leases.claim(q.handle, reviewer):  # atomic: another replica may have won it
-                self._claimed(q.handle, reviewer)
-                got.append(q)
+            if not self.leases.claim(q.handle, who.name):  # atomic: another replica may have won it
+                continue
+            if stages[q.handle] is None or self.queue.stage(q.handle) != stages[q.handle]:  # judged meanwhile: its
+                self.leases.release(q.handle, who.name)  # verdict is known before its lease is released
+                continue
+            self._claimed(q.handle, who.name)
+            got.append(q)
         return got
 
-    def claim(self, handle: str, reviewer: str) -> Queued:
-        """Claim one given item (from a list, or to change one's verdict)."""
+    def _room(self, name: str) -> int:
+        held = len(self.leases.held_by(name))
+        if held >= self.max_leases:
+            raise ConsoleError(f"you hold {held} items, the most one reviewer may (MODERATOR_CONSOLE_MAX_LEASES):"
+                               " judge or skip some first")  # fmt: skip
+        return self.max_leases - held
+
+    def _assigned_ok(self, handle: str, who: Person) -> bool:
+        current = self.queue.verdict(handle)
+        assigned = current.assigned_to if current is not None else None
+        return assigned is None or assigned == who.name or who.role == "admin"
+
+    def claim(self, handle: str, who: Person) -> Queued:
+        """Claim one given item (from a list, or to change a verdict): an escalated one, or one another
+        reviewer judged, only as a lead."""
         queued = self.queue.get(handle)
         if queued is None:
             raise NotFound("no such review item is waiting")
-        if not self.leases.claim(handle, reviewer):
+        self._may_judge(handle, who)
+        if self.leases.holder(handle) != who.name:
+            self._room(who.name)
+        if not self.leases.claim(handle, who.name):
             raise NotYours(
                 f"{queued.item.event_id} is being reviewed by {self.leases.holder(handle) or 'someone else'}"
             )
-        self._claimed(handle, reviewer)
+        self._claimed(handle, who.name)
         return queued
+
+    def _may_judge(self, handle: str, who: Person) -> None:
+        if who.lead:
+            if not self._assigned_ok(handle, who) and self.queue.stage(handle) == "escalated":
+                current = self.queue.verdict(handle)
+                raise Forbidden(f"this escalation is assigned to {current.assigned_to if current else 'another lead'}")
+            return
+        stage = self.queue.stage(handle)
+        if stage == "escalated":
+            raise Forbidden("only a lead finalizes an escalation")
+        current = self.queue.verdict(handle)
+        if stage is None and current is not None and current.reviewer != who.name:
+            second = self.queue.second_opinion(handle)
+            if second is None or second.reviewer != who.name:
+                raise Forbidden(f"only a lead changes another reviewer's verdict ({current.reviewer}'s)")
 
     def held(self, handle: str, reviewer: str) -> Queued:
         """The item, if ``reviewer`` holds its lease (renewed: they are looking at it)."""
@@ -114,14 +176,18 @@ class ReviewService:
             raise NotYours(f"{event_id} is held by {holder}" if holder else f"your claim on {event_id} has expired")
         return queued
 
-    def image(self, handle: str, reviewer: str) -> bytes:
-        """The held item's image as the browser gets it. Bytes other than the ones the worker scored are
-        refused, and the item is set aside (never handed out again here), logged and counted."""
+    def image(self, handle: str, reviewer: str, original: bool = False) -> bytes:
+        """The held item's image as the browser gets it: a small, blurred, gray rendition, or with
+        ``original`` (only once the reviewer revealed it) the image itself. Bytes other than the ones the
+        worker scored are refused, and the item is set aside (never handed out again here), logged and
+        counted."""
         queued = self.held(handle, reviewer)
         if queued.set_aside is not None:  # refused once: not fetched again
             raise ImageChanged(queued.set_aside)
+        if original and not self.leases.revealed(handle, reviewer):
+            raise Forbidden("reveal the image first (the original is served only after a reveal)")
         try:
-            return self.images.jpeg(queued.item)
+            return self.images.jpeg(queued.item) if original else self.images.blurred(queued.item)
         except ImageChanged as exc:
             self.queue.set_aside(handle, str(exc))
             obs.CONSOLE_IMAGE_CHANGED.inc()
@@ -129,12 +195,16 @@ class ReviewService:
                         url=queued.item.image.url, reviewer=reviewer)  # fmt: skip
             raise
 
+    def reveal(self, handle: str, reviewer: str) -> None:
+        """``reviewer`` chose to see the held item's image: its original may now be served to them."""
+        queued = self.held(handle, reviewer)
+        self.leases.mark_revealed(handle, reviewer)
+        obs.CONSOLE_REVEALS.inc()
+        log.info("console_reveal", event_id=queued.item.event_id, reviewer=reviewer)
+
     def mine(self, reviewer: str) -> list[Queued]:
-        """The items this console saw ``reviewer`` claim that they still hold (the grid's page)."""
-        with self._lock:
-            handles = [h for h, (r, until) in self._claims.items() if r == reviewer and until > time.time()]
-        held = self.leases.holders(handles)
-        return [q for h in handles if held.get(h) == reviewer and (q := self.queue.get(h)) is not None]
+        """The items ``reviewer`` holds now, claimed on any replica (the grid's page)."""
+        return [q for h in self.leases.held_by(reviewer) if (q := self.queue.get(h)) is not None]
 
     def skip(self, handle: str, reviewer: str) -> None:
         self.leases.release(handle, reviewer)
@@ -179,53 +249,72 @@ class ReviewService:
     def submit(
         self,
         handle: str,
-        reviewer: str,
+        who: Person,
         verdict: VerdictKind,
         categories: list[str],
         note: str = "",
         bank: str | None = None,
+        assign: str | None = None,
     ) -> Submitted:
-        """Publish ``reviewer``'s verdict on an item they hold; an identical resubmission publishes nothing.
-        With ``bank`` (a confirm), the image goes to that known-image bank first (nothing is published
-        if it cannot: its bytes must be the ones the worker scored)."""
+        """Publish ``who``'s verdict on an item they hold; an identical resubmission publishes nothing.
+        With ``bank`` (a confirm, a lead's), the image goes to that known-image bank first (nothing is
+        published if it cannot: its bytes must be the ones the worker scored). An escalation may be
+        ``assign``-ed to a named lead. A final verdict on an escalation, and a change of another
+        reviewer's verdict, are a lead's."""
+        reviewer = who.name
         categories = sorted(set(categories)) if verdict == "confirm" else []
         second = self.second_opinion(handle, reviewer)
         current = self.queue.second_opinion(handle) if second else self.queue.verdict(handle)
-        same = (verdict, categories, reviewer, note[:2000])
-        unchanged = (
-            current is not None and (current.verdict, current.categories, current.reviewer, current.note) == same
-        )
+        same = (verdict, categories, reviewer, note[:2000], assign if verdict == "escalate" else None)
+        unchanged = current is not None and same == (
+            current.verdict, current.categories, current.reviewer, current.note, current.assigned_to
+        )  # fmt: skip
         if unchanged and bank is None and current is not None:
             return Submitted(current, published=False)  # a double submission: nothing changes
         queued = self.held(handle, reviewer)
+        self._may_judge(handle, who)
         item = queued.item
         if queued.set_aside is not None and verdict != "escalate":
             raise ConsoleError(f"{queued.set_aside}: it can only be escalated")
         if second and verdict not in FINAL_VERDICTS:
             raise ConsoleError("a second opinion is confirm or overturn (escalation is the first reviewer's)")
+        if assign is not None and (verdict != "escalate" or not USERNAME_RE.match(assign)):
+            raise ConsoleError("only an escalation is assigned, to a lead's account name")
         unknown = sorted(set(categories) - set(item.scores))
         if unknown:
             raise ConsoleError(f"unknown categories {unknown} (the policy's are {sorted(item.scores)})")
         if verdict == "confirm" and not categories:
             raise ConsoleError("confirm needs at least one category")
-        if bank is not None:
-            if verdict != "confirm" or self.banks is None:
-                raise ConsoleError("only a confirmed image goes to a bank, and only to one the console offers")
-            try:
-                entry = self.banks.add(item, bank, reviewer, ", ".join(categories) + (f": {note}" if note else ""))
-            except BankRefused as exc:
-                raise ConsoleError(str(exc)) from None
-            log.info("bank_entry_added", event_id=item.event_id, bank=bank, reviewer=reviewer,
-                     pdq_quality=entry.pdq_quality)  # fmt: skip
-        judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
-                          model=item.model, image_precision=item.image_precision)  # fmt: skip
-        record = Verdict(
-            event_id=item.event_id, verdict=verdict, categories=categories, reviewer=reviewer, note=note[:2000],
-            revision=(current.revision + 1) if current is not None else 1, judged=judged, sampled=item.sampled,
-            sample_rate=item.sample_rate, retroactive=item.retroactive, image_sha256=item.image.sha256 or None,
-            second_opinion=second, decided_at=item.decided_at, reviewed_at=utc_now(),
-        )  # fmt: skip
-        self.feeds.publish(record)
+        if bank is not None and not who.lead:
+            raise Forbidden("only a lead adds an image to a bank")
+        revision = (current.revision + 1) if current is not None else 1
+        slot = handle + ("#second" if second else "")
+        if not self.leases.reserve_revision(slot, revision, reviewer):  # one publisher per revision
+            raise NotYours("this verdict is being published already (a second submit): reload the page")
+        try:
+            if bank is not None:
+                if verdict != "confirm" or self.banks is None:
+                    raise ConsoleError("only a confirmed image goes to a bank, and only to one the console offers")
+                try:
+                    note_text = ", ".join(categories) + (f": {note}" if note else "")
+                    entry = self.banks.add(item, bank, reviewer, note_text)
+                except BankRefused as exc:
+                    raise ConsoleError(str(exc)) from None
+                log.info("bank_entry_added", event_id=item.event_id, bank=bank, reviewer=reviewer,
+                         pdq_quality=entry.pdq_quality)  # fmt: skip
+            judged = Decision(decision=item.decision, scores=item.scores, triggered=item.reasons, policy=item.policy,
+                              model=item.model, image_precision=item.image_precision)  # fmt: skip
+            record = Verdict(
+                event_id=item.event_id, verdict=verdict, categories=categories, reviewer=reviewer,
+                note=note[:2000], revision=revision, judged=judged, sampled=item.sampled,
+                sample_rate=item.sample_rate, retroactive=item.retroactive, image_sha256=item.image.sha256 or None,
+                second_opinion=second, role=who.role, assigned_to=assign if verdict == "escalate" else None,
+                decided_at=item.decided_at, reviewed_at=utc_now(),
+            )  # fmt: skip
+            self.feeds.publish(record)
+        except Exception:
+            self.leases.release_revision(slot, revision, reviewer)  # not published: it may be tried again
+            raise
         self.leases.release(handle, reviewer)
         with self._lock:
             self._claims.pop(handle, None)
@@ -234,7 +323,7 @@ class ReviewService:
         if decided is not None:
             obs.CONSOLE_DECISION_TO_VERDICT.observe(decided)
         log.info("verdict", event_id=item.event_id, verdict=verdict, categories=categories, reviewer=reviewer,
-                 revision=record.revision, second_opinion=second)  # fmt: skip
+                 role=who.role, revision=record.revision, second_opinion=second, assigned_to=assign)  # fmt: skip
         return Submitted(record, published=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import http.server
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 
 from moderator.app import App
 from moderator.banks.store import read_entries
@@ -29,6 +31,7 @@ from moderator.clients import make_reader, read_to_end
 from moderator.config import Settings
 from moderator.console import Console
 from moderator.console.auth import hash_password
+from moderator.console.service import Person
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.topics import TOPICS, NewTopic
 
@@ -43,6 +46,8 @@ CHROMIUM_ARGS = [
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]  # fmt: skip
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+ROLES = {"alice": "lead", "bob": "reviewer"}  # alice adds to banks and finalizes escalations
+ALICE, BOB = Person("alice", "lead"), Person("bob")
 
 
 class ImageHost:
@@ -89,7 +94,7 @@ def reviewed(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory, imag
     raw["categories"][2]["review"] = 0.0  # weapons: everything reaches review
     (policies / "community-standards.yaml").write_text(yaml.safe_dump(raw))
     accounts = tmp / "reviewers.txt"
-    accounts.write_text("".join(f"{n}:{hash_password(p, ln=12)}\n" for n, p in PASSWORDS.items()))
+    accounts.write_text("".join(f"{n}:{ROLES[n]}:{hash_password(p, ln=12)}\n" for n, p in PASSWORDS.items()))
     settings = Settings(
         kafka_bootstrap_servers=kafka_service.bootstrap_servers, kafka_api_version=kafka_service.api_version,
         kafka_group_id=f"console-{run}", redis_url=redis_service.url, model_id=str(tiny_clip_dir), device="cpu",
@@ -182,8 +187,14 @@ def test_a_reviewer_claims_reveals_and_confirms_with_the_keyboard(browser, conso
     event_id = console.queue.get(handle).item.event_id
     page.wait_for_function("() => document.querySelector('#shield img').complete")
     assert _filter(page, "#shield img") == "blur(28px) grayscale(1)"  # blurred and gray by default
+    served = Image.open(io.BytesIO(page.request.get(f"/image/{handle}").body()))  # and so are its bytes
+    assert max(served.size) <= 96 and served.mode == "L"  # opening the image in a new tab shows no more
+    assert page.request.get(f"/image/{handle}/original").status == 403  # the original: only after a reveal
     page.keyboard.press("r")
     assert _filter(page, "#shield img") == "none"
+    page.wait_for_function("() => document.querySelector('#shield img').src.endsWith('/original')")
+    original = Image.open(io.BytesIO(page.request.get(f"/image/{handle}/original").body()))
+    assert original.mode == "RGB" and original.size == (64, 48)  # revealed: the image itself
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "console-item.png"))
     checked = page.eval_on_selector_all("input[name=category]:checked", "els => els.map(e => e.value)")
@@ -260,16 +271,16 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
     c = Console(App(_console_settings(reviewed, topic_verdicts=topic, console_lease_s=1.5)), health=False).start()
     try:
         wait_until(lambda: c.queue.depth()["new"] == 40)
-        [first] = c.service.claim_next("alice")
-        [other] = c.service.claim_next("bob")
+        [first] = c.service.claim_next(ALICE)
+        [other] = c.service.claim_next(BOB)
         assert other.handle != first.handle  # held: bob gets the next one
         time.sleep(2.0)
-        [again] = c.service.claim_next("bob", exclude=frozenset({other.handle}))
+        [again] = c.service.claim_next(BOB, exclude=frozenset({other.handle}))
         assert again.handle == first.handle  # alice's claim expired: back in the queue
         from moderator.console.service import NotYours
 
         with pytest.raises(NotYours):  # a verdict only from the lease holder
-            c.service.submit(first.handle, "alice", "overturn", [])
+            c.service.submit(first.handle, ALICE, "overturn", [])
         wait_until(lambda: _metric("moderator_console_lease_expiries_total") >= 1, timeout=5)
     finally:
         c.stop()
@@ -278,7 +289,7 @@ def test_an_expired_lease_returns_its_item(reviewed, kafka_service):
 def test_not_signed_in_and_missing_csrf_are_refused(browser, console):
     opener = urllib.request.build_opener(_NoRedirect())
     handle = next(q.handle for q in console.queue.pending() if q.item.event_id == "c-001")
-    for path in ("/", "/grid", f"/item/{handle}", f"/image/{handle}"):
+    for path in ("/", "/grid", f"/item/{handle}", f"/image/{handle}", f"/image/{handle}/original", "/admin"):
         response = opener.open(console.url + path)
         assert response.status == 303 and response.headers["Location"] == "/login", path
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -288,7 +299,7 @@ def test_not_signed_in_and_missing_csrf_are_refused(browser, console):
     headers = page.request.get("/").headers
     assert "script-src 'self'" in headers["content-security-policy"] and "unsafe-inline" not in headers[
         "content-security-policy"]  # fmt: skip
-    cookie = next(c for c in context.cookies() if c["name"] == "moderator_console")
+    cookie = next(c for c in context.cookies() if c["name"] == "moderator_console")  # a session id, nothing else
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     token = page.get_attribute('meta[name="csrf-token"]', "content")
     c002 = next(q.handle for q in console.queue.pending() if q.item.event_id == "c-002")
@@ -309,9 +320,10 @@ def test_a_url_image_is_served_by_the_console_and_the_page_never_requests_its_ho
     page.goto(f"/item/{handle}")
     page.wait_for_function("() => document.querySelector('#shield img').naturalWidth > 0")
     page.keyboard.press("r")
+    page.wait_for_function("() => document.querySelector('#shield img').src.endsWith('/original')")
     assert not [u for u in requests if image_host.netloc in u]  # the browser never asked the image's host
     assert image_host.hits and all(ua.startswith("moderator/") for ua in image_host.hits)  # the console did
-    jpeg = page.request.get(f"/image/{handle}")
+    jpeg = page.request.get(f"/image/{handle}/original")
     assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.body()[:2] == b"\xff\xd8"
     context.close()
 
@@ -323,11 +335,11 @@ def test_a_restarted_console_does_not_show_judged_items(reviewed, kafka_service)
     first = Console(App(settings), health=False).start()
     try:
         wait_until(lambda: first.queue.depth()["new"] == 40)
-        claimed = first.service.claim_next("alice", count=5)
+        claimed = first.service.claim_next(ALICE, count=5)
         for q in claimed:
-            first.service.submit(q.handle, "alice", "overturn", [])
+            first.service.submit(q.handle, ALICE, "overturn", [])
         judged = [q.item.event_id for q in claimed]
-        again = first.service.submit(claimed[0].handle, "alice", "overturn", [])
+        again = first.service.submit(claimed[0].handle, ALICE, "overturn", [])
         assert not again.published  # the same verdict twice: no second record
         time.sleep(2.5)  # one commit interval: the done-watermark goes to the broker
     finally:

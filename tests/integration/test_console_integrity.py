@@ -30,7 +30,7 @@ from moderator.samples import jpeg_bytes, photo_like
 from moderator.topics import TOPICS, NewTopic
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, wait_until
-from .test_console import ARTIFACTS, PASSWORDS, _login, _verdicts, browser  # noqa: F401 (a fixture)
+from .test_console import ALICE, ARTIFACTS, BOB, PASSWORDS, ROLES, _login, _verdicts, browser  # noqa: F401 (a fixture)
 
 A = jpeg_bytes(photo_like(160, 120, seed=901))
 B = jpeg_bytes(photo_like(160, 120, seed=902))
@@ -87,7 +87,7 @@ def scored(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory, host) 
         "neutral": ["a landscape"],
     }))  # fmt: skip
     accounts = tmp / "reviewers.txt"
-    accounts.write_text("".join(f"{n}:{hash_password(p, ln=12)}\n" for n, p in PASSWORDS.items()))
+    accounts.write_text("".join(f"{n}:{ROLES[n]}:{hash_password(p, ln=12)}\n" for n, p in PASSWORDS.items()))
     settings = Settings(
         kafka_bootstrap_servers=kafka_service.bootstrap_servers, kafka_api_version=kafka_service.api_version,
         kafka_group_id=f"integrity-{run}", redis_url=redis_service.url, model_id=str(tiny_clip_dir), device="cpu",
@@ -158,13 +158,15 @@ def test_an_image_that_changed_since_it_was_scored_is_refused_never_shown(browse
         assert c.queue.depth()["set_aside"] == 1  # set aside: never handed out again
         assert ab not in {q.handle for q in c.queue.pending(for_reviewer="bob")}
         with pytest.raises(ConsoleError, match="only be escalated"):
-            c.service.submit(ab, "alice", "confirm", ["weapons"])
+            c.service.submit(ab, ALICE, "confirm", ["weapons"])
         # c-aab: its server still answers A once more: the reviewer sees A (checked, then cached) ...
         aab = _handle(c, "c-aab")
         page.request.post(f"/claim/{aab}", form={"csrf_token": token})
         page.goto(f"/item/{aab}")
         page.wait_for_function("() => document.querySelector('#shield img').naturalWidth > 0")
-        shown = _pixels(page.request.get(f"/image/{aab}").body())
+        page.keyboard.press("r")
+        page.wait_for_function("() => document.querySelector('#shield img').src.endsWith('/original')")
+        shown = _pixels(page.request.get(f"/image/{aab}/original").body())
         assert np.abs(shown - _pixels(A)).mean() < 8 < np.abs(shown - _pixels(B)).mean()
         # ... and a bank add, which reads the image again (now B), is refused: no entry, no verdict.
         page.select_option("select[name=bank]", "known")
@@ -187,10 +189,10 @@ def test_a_re_used_event_id_with_other_bytes_is_a_new_item(scored, kafka_service
     try:
         first, second = _handle(c, "dup", X), _handle(c, "dup", Y)
         assert first != second  # one id, two images: two items
-        c.service.claim(first, "alice")
-        c.service.submit(first, "alice", "overturn", [])
-        c.service.claim(first, "bob")
-        c.service.submit(first, "bob", "overturn", [])  # the second opinion (double review)
+        c.service.claim(first, ALICE)
+        c.service.submit(first, ALICE, "overturn", [])
+        c.service.claim(first, BOB)
+        c.service.submit(first, BOB, "overturn", [])  # the second opinion (double review)
         assert c.queue.stage(first) is None and c.queue.stage(second) == "new"  # Y still waits
         records = [v for v in _verdicts(c.app.settings) if v["event_id"] == "dup"]
         assert {v["image_sha256"] for v in records} == {hashlib.sha256(X).hexdigest()}
@@ -209,14 +211,14 @@ def test_double_review_asks_another_reviewer_and_keeps_both_verdicts(scored, kaf
     c = _console(scored, kafka_service)
     try:
         handle = _handle(c, "d-1")
-        c.service.claim(handle, "alice")
-        c.service.submit(handle, "alice", "confirm", ["weapons"])
+        c.service.claim(handle, ALICE)
+        c.service.submit(handle, ALICE, "confirm", ["weapons"])
         assert c.queue.stage(handle) == "second"
-        assert handle not in {q.handle for q in c.service.claim_next("alice", count=10)}  # never the same one
-        [got] = [q for q in c.service.claim_next("bob", count=10) if q.handle == handle]
+        assert handle not in {q.handle for q in c.service.claim_next(ALICE, count=10)}  # never the same one
+        [got] = [q for q in c.service.claim_next(BOB, count=10) if q.handle == handle]
         with pytest.raises(ConsoleError, match="second opinion"):
-            c.service.submit(handle, "bob", "escalate", [])
-        c.service.submit(got.handle, "bob", "overturn", [])
+            c.service.submit(handle, BOB, "escalate", [])
+        c.service.submit(got.handle, BOB, "overturn", [])
         assert c.queue.stage(handle) is None
         records = [v for v in _verdicts(c.app.settings) if v["event_id"] == "d-1"]
         assert sorted((v["reviewer"], v["verdict"], v["second_opinion"]) for v in records) == [

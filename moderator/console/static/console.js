@@ -15,12 +15,16 @@
     });
   }
 
-  function reveal(shield, handle) {
+  // The page gets a small blurred rendition; the original is served only after the reveal is recorded.
+  async function reveal(shield, handle) {
     if (!shield) return; // an image refused (it changed since it was scored) has nothing to reveal
     const shown = shield.classList.toggle("revealed");
     if (shown && handle && !shield.dataset.counted) {
       shield.dataset.counted = "1"; // one exposure per image and page view
-      post("/api/revealed", { handle });
+      const response = await post("/api/revealed", { handle });
+      const answer = await response.json().catch(() => ({}));
+      const img = shield.querySelector("img");
+      if (response.ok && answer.original && img) img.src = answer.original;
     }
   }
 
