@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from moderator.console.security import (
 )
 from moderator.console.service import ConsoleError, Forbidden, Person, ReviewService
 from moderator.console.sessions import Sessions
+from moderator.console.team import duration, team_stats
 from moderator.events import VerdictKind
 
 HERE = Path(__file__).parent
@@ -257,6 +259,12 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
             holds.append((holder, queued.item.event_id if queued else "(not in this replica's queue)", left))
         return page(request, "admin.html", who, holds=sorted(holds), depth=queue.depth())
 
+    async def team_page(request: Request, who: Person) -> Response:
+        if not who.lead:
+            raise Forbidden("the lead's page")
+        stats = await run_in_threadpool(lambda: team_stats(queue.waiting(), queue.history(), time.time()))
+        return page(request, "team.html", who, stats=stats, duration=duration)
+
     async def image(request: Request, who: Person) -> Response:
         original = request.path_params.get("view") == "original"
         if request.path_params.get("view") not in (None, "original"):
@@ -329,6 +337,7 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
         Route("/escalated", signed_in(escalated_page)),
         Route("/grid", signed_in(grid_page)),
         Route("/admin", signed_in(admin_page)),
+        Route("/team", signed_in(team_page)),
         Route("/item/{handle}/verdict", signed_in(verdict), methods=["POST"]),
         Route("/item/{handle}/skip", signed_in(skip), methods=["POST"]),
         Route("/item/{handle}", signed_in(item_page)),

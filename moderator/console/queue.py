@@ -26,6 +26,7 @@ from moderator.events import FINAL_VERDICTS, ReviewItem, Verdict
 from moderator.offsets import OffsetTracker
 
 Stage = Literal["new", "escalated", "second"]
+HISTORY = 200_000  # verdict records kept for the lead's page
 
 
 @dataclass
@@ -68,6 +69,8 @@ class ReviewQueue:
         self._order: list[Queued] | None = None  # pending items sorted; None when it must be rebuilt
         self._done: OrderedDict[str, Queued] = OrderedDict()  # recently judged: a verdict may still change
         self.keep_done = keep_done
+        # every verdict record read, once (a console reads its own back): the lead's page
+        self._history: OrderedDict[tuple[str, int], Verdict] = OrderedDict()
 
     # --- state of one item (under the lock) -----------------------------------------------------------
     def _verdict(self, q: Queued) -> Verdict | None:
@@ -124,6 +127,10 @@ class ReviewQueue:
 
     def add_verdict(self, verdict: Verdict) -> None:
         with self._lock:
+            if (verdict.key, verdict.revision) not in self._history:
+                self._history[(verdict.key, verdict.revision)] = verdict
+                if len(self._history) > HISTORY:
+                    self._history.popitem(last=False)
             if verdict.image_sha256 is None:  # an older record: it judges the event id's item
                 current = self._legacy.get(verdict.event_id)
                 if current is None or current.revision <= verdict.revision:
@@ -218,6 +225,17 @@ class ReviewQueue:
                 else:
                     out[self._stage(q) or "new"] += 1
             return out
+
+    def history(self) -> list[Verdict]:
+        """Every verdict record read (the latest 200,000), in the order read."""
+        with self._lock:
+            return list(self._history.values())
+
+    def waiting(self) -> list[tuple[str, str]]:
+        """(stage, decided_at) of every waiting item; set-aside ones as ``set_aside``."""
+        with self._lock:
+            return [("set_aside" if q.set_aside is not None else (self._stage(q) or "new"), q.item.decided_at)
+                    for q in self._items.values()]  # fmt: skip
 
     def committable(self) -> dict[Hashable, int]:
         with self._lock:

@@ -366,3 +366,21 @@ def test_the_proxy_header_is_believed_only_from_a_trusted_peer_and_only_once(tea
         assert ready.status == 200
     finally:
         c.stop()
+
+
+def test_the_leads_page_shows_the_queue_the_reviewers_and_the_overturn_rate(browser, console):  # noqa: F811
+    for handle in _free(console, 3):
+        console.service.claim(handle, RITA)
+        console.service.submit(handle, RITA, "overturn", [])
+    rita, page = _login(browser, console, "rita")
+    assert page.request.get("/team").status == 403  # a reviewer's figures are a lead's to see
+    lena, lpage = _login(browser, console, "lena")
+    lpage.goto("/team")
+    stages = lpage.locator("#stages tbody tr").all_inner_texts()
+    assert stages[0].split("\t")[:2] == ["new", "11"]  # 14 scored, 3 judged
+    assert "rita\t3\t0\t3\t0" in lpage.inner_text("#reviewers")
+    assert "weapons\t3\t3\t100%" in lpage.inner_text("#categories")  # every item fired weapons (review at 0)
+    assert "3 verdicts" in lpage.inner_text("#to-verdict")
+    lpage.screenshot(path=str(ARTIFACTS / "console-team.png"), full_page=True)
+    rita.close()
+    lena.close()

@@ -148,3 +148,38 @@ def test_the_verdict_log_selects_by_time_keeps_revisions_and_quotes_formulas():
     text = to_csv(select(log))
     assert text.splitlines()[0].startswith("reviewed_at,event_id,image_sha256,revision,verdict")
     assert "'=HYPERLINK" in text and ",=HYPERLINK" not in text
+
+
+def test_the_team_figures_from_waiting_items_and_verdicts():
+    from datetime import datetime, timezone
+
+    from moderator.console.team import duration, team_stats
+    from moderator.events import Decision, PolicyRef, Trigger, Verdict
+
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc).timestamp()
+
+    def v(event: str, verdict: str, reviewer: str, at: str, cats: tuple[str, ...], rev: int = 1) -> Verdict:
+        judged = Decision(decision="review", scores={c: 0.5 for c in cats}, policy=PolicyRef(name="p", version="v"),
+                          triggered=[Trigger(category=c, rule="review", score=0.5, threshold=0.4) for c in cats],
+                          model="m")  # fmt: skip
+        return Verdict(event_id=event, verdict=verdict, reviewer=reviewer, revision=rev, judged=judged,
+                       categories=list(cats) if verdict == "confirm" else [], image_sha256="s" + event,
+                       decided_at="2026-12-03T11:00:00Z", reviewed_at=at)  # fmt: skip
+
+    verdicts = [
+        v("a", "overturn", "rita", "2026-12-03T11:10:00Z", ("weapons",)),
+        v("b", "confirm", "rita", "2026-12-03T11:20:00Z", ("weapons", "drugs")),
+        v("c", "escalate", "sam", "2026-12-02T11:00:00Z", ("drugs",)),  # (reviewed before its decision: 0 s)
+        v("c", "overturn", "lena", "2026-12-03T11:30:00Z", ("drugs",), rev=2),  # the final verdict counts
+        v("old", "overturn", "sam", "2026-10-01T00:00:00Z", ("weapons",)),  # outside the 14 days
+    ]
+    waiting = [("new", "2026-12-03T10:00:00Z"), ("new", "2026-12-03T11:00:00Z"), ("escalated", "2026-12-01T12:00:00Z")]
+    stats = team_stats(waiting, verdicts, now)
+    new = next(r for r in stats.stages if r.stage == "new")
+    assert (new.waiting, new.oldest_s, new.median_s) == (2, 7200, 5400)
+    assert next(r for r in stats.stages if r.stage == "escalated").oldest_s == 2 * 86_400
+    assert [(r.day, r.reviewer, r.verdicts) for r in stats.reviewer_days] == [
+        ("2026-12-03", "lena", 1), ("2026-12-03", "rita", 2), ("2026-12-02", "sam", 1)]  # fmt: skip
+    assert {r.category: (r.judged, r.overturned) for r in stats.categories} == {"weapons": (2, 1), "drugs": (2, 1)}
+    assert stats.to_verdict_n == 3 and stats.to_verdict_p50_s == 10 * 60  # first verdicts: 0, 10 and 20 min
+    assert duration(95) == "1 min 35 s" and duration(None) == "\u2013" and duration(90_000) == "1 d 1 h"
