@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     console_session_hours: float = Field(8.0, gt=0, le=168)
     console_lease_s: float = Field(300.0, ge=1, le=86_400)  # a claim returns to the queue after this
     console_grid_size: int = Field(12, ge=1, le=100)
-    console_group_id: str = "moderator-console"  # its own consumer group on the review topic
+    console_group_id: str = "moderator-console"  # where replicas commit their review-topic progress
     console_redis_prefix: str = "moderator:console:"
     console_banks: tuple[str, ...] = ()  # banks a reviewer may add a confirmed image to (a PDQ entry)
 

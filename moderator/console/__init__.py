@@ -1,10 +1,11 @@
 """``moderator console``: reviewers decide in a browser; their verdicts flow back on Kafka.
 
-The console consumes the review topic with its own consumer group, keeps the queue in memory
-(``queue.py``), hands items out under expiring Redis leases (``leases.py``), serves the pages
-(``app.py``, ``templates/``, ``static/``) and the images itself (``images.py``), and publishes each
-verdict to the verdicts topic (``feeds.py``). What a reviewer can do is in ``service.py``; accounts and
-request security in ``auth.py`` and ``security.py``.
+Every console replica reads the whole review topic and keeps the queue in memory (``queue.py``),
+hands items out under expiring Redis leases (``leases.py``), serves the pages (``app.py``,
+``templates/``, ``static/``) and the images itself (``images.py``), and publishes each verdict to the
+verdicts topic (``feeds.py``). What a reviewer can do is in ``service.py``; accounts, roles and the
+login guard in ``auth.py``, sessions in ``sessions.py``, request security in ``security.py``, the
+lead's figures in ``team.py``.
 
 Authentication is required: reviewer accounts in a file (``MODERATOR_CONSOLE_ACCOUNTS_FILE``), and/or a
 header set by an authenticating proxy (``MODERATOR_CONSOLE_TRUSTED_USER_HEADER``, trusted only from

@@ -1,10 +1,15 @@
-"""The console's Kafka side: the review topic in (its own consumer group), verdicts in and out.
+"""The console's Kafka side: the review topic in, verdicts in and out.
 
+- **Every replica reads every partition** of the review topic (assigned, not split by a consumer
+  group): each has the whole queue, so a reviewer on any replica sees every item, and a replica's
+  death loses nothing. Claims stay atomic across replicas through the leases in Redis.
 - Start-up reads the whole verdicts topic (compacted: the current verdict of every judged event)
   before any item is served, so a restarted console never shows an item that already has a verdict.
 - One thread then follows both: review items into the queue, verdicts (this console's and other
-  replicas') into the queue; it commits each review partition's done-watermark (the lowest offset
-  whose event has no final verdict) so a restart reads again only from there.
+  replicas') into the queue. It commits each review partition's done-watermark (the lowest offset whose
+  item is not done) under ``MODERATOR_CONSOLE_GROUP_ID`` (offsets only: no group membership), so a
+  restarted replica reads again only from there; every replica commits the same watermark, give or
+  take what it has not read yet.
 - :meth:`ConsoleFeeds.publish` sends a verdict and waits for the broker's acknowledgement.
 """
 
@@ -16,37 +21,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import AsyncConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from moderator import observability as obs
 from moderator.app import App
-from moderator.clients import read_to_end
+from moderator.clients import TopicError, read_to_end
 from moderator.console.queue import ReviewQueue
 from moderator.events import BankEntry, ReviewItem, Verdict
 
 log = obs.get_logger(__name__)
-
-
-class _Rebalance(AsyncConsumerRebalanceListener):
-    """Items of partitions another console replica now reads leave this one's queue. Partitions kept
-    across a rebalance keep their items: their fetch position stays past them."""
-
-    def __init__(self, queue: ReviewQueue) -> None:
-        self.queue = queue
-        self._revoked: set[TopicPartition] = set()
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._revoked = set(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.queue.drop(self._revoked - set(assigned))
-        self._revoked = set()
-        log.info("console_partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
-
-    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self.queue.drop(lost)
 
 
 class ConsoleFeeds:
@@ -67,8 +52,11 @@ class ConsoleFeeds:
         n = read_to_end(self.verdicts, self._verdict)
         log.info("console_verdicts_loaded", records=n, seconds=round(time.monotonic() - t0, 2))
         self.loaded.set()
-        self.review.subscribe([self.app.settings.topic("review")], listener=_Rebalance(self.queue))
-        self.review.topics()  # metadata before the first join (else kafka-python rebalances once for nothing)
+        topic = self.app.settings.topic("review")
+        found = self.review.partitions_for_topic(topic)
+        if not found:
+            raise TopicError(f"the review topic {topic!r} does not exist: create it (moderator topics create)")
+        self.review.assign([TopicPartition(topic, p) for p in sorted(found)])  # every partition, on every replica
         self._thread.start()
         return self
 

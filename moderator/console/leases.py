@@ -14,6 +14,9 @@ Beside the leases, in the same Redis and so shared by every replica:
   only then), for as long as a lease.
 - ``<prefix>revision:<key>:<n>``: revision ``n`` of a verdict is being published (``SET NX``): two quick
   submits, on one replica or two, never both publish the same revision.
+- ``<prefix>judged:<handle>``: the revisions of the item's verdict and second opinion last published,
+  written before the lease is released. A replica that has not read them yet from the verdicts topic
+  does not hand the item out (it would show a judged item again).
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ import redis
 _IF_HOLDER = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call({}) end return 0"
 _IF_HOLDER_EXPIRE = _IF_HOLDER.format("'pexpire', KEYS[1], ARGV[2]")
 _IF_HOLDER_DELETE = _IF_HOLDER.format("'del', KEYS[1]")
+_MAX_MERGE = """
+local v = redis.call('get', KEYS[1])
+local a, b = 0, 0
+if v then
+  local x, y = string.match(v, '(%d+),(%d+)')
+  a, b = tonumber(x), tonumber(y)
+end
+a = math.max(a, tonumber(ARGV[1]))
+b = math.max(b, tonumber(ARGV[2]))
+redis.call('set', KEYS[1], a .. ',' .. b, 'EX', ARGV[3])
+return 1
+"""
 
 
 def _text(value: object) -> str:
@@ -38,6 +53,7 @@ class Leases:
         self.ttl_ms = int(ttl_s * 1000)
         self._expire = client.register_script(_IF_HOLDER_EXPIRE)
         self._delete = client.register_script(_IF_HOLDER_DELETE)
+        self._max_merge = client.register_script(_MAX_MERGE)
 
     def key(self, handle: str) -> str:
         return f"{self.prefix}lease:{handle}"
@@ -125,3 +141,14 @@ class Leases:
 
     def release_revision(self, key: str, revision: int, reviewer: str) -> None:
         self._delete(keys=[f"{self.prefix}revision:{key}:{revision}"], args=[reviewer])
+
+    def mark_judged(self, handle: str, first: int, second: int) -> None:
+        """Raise the item's published revisions to at least these (never lower: replicas race)."""
+        self._max_merge(keys=[f"{self.prefix}judged:{handle}"], args=[first, second, 7 * 86_400])
+
+    def judged(self, handle: str) -> tuple[int, int]:
+        value = self.client.get(f"{self.prefix}judged:{handle}")
+        if value is None:
+            return (0, 0)
+        first, _, second = _text(value).partition(",")
+        return (int(first), int(second or 0))

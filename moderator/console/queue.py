@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -153,15 +153,6 @@ class ReviewQueue:
                 queued.set_aside = why
                 self._order = None
 
-    def drop(self, partitions: Iterable[Hashable]) -> None:
-        """Partitions of the review topic this console no longer owns (a rebalance): forget their items."""
-        gone = set(partitions)
-        with self._lock:
-            self._tracker.drop(gone)
-            for handle in [h for h, q in self._items.items() if any(p in gone for p, _ in q.offsets)]:
-                del self._items[handle]
-            self._order = None
-
     # --- for the pages --------------------------------------------------------------------------------
     def pending(self, stage: Stage = "new", for_reviewer: str | None = None) -> list[Queued]:
         """Items waiting in ``stage``, by priority then age. With ``for_reviewer``: the ones that reviewer
@@ -214,6 +205,14 @@ class ReviewQueue:
     def second_opinion(self, handle: str) -> Verdict | None:
         with self._lock:
             return self._seconds.get(handle)
+
+    def revisions(self, handle: str) -> tuple[int, int]:
+        """The revisions of the item's verdict and second opinion known here (0: none)."""
+        with self._lock:
+            q = self._items.get(handle) or self._done.get(handle)
+            first = self._verdict(q) if q is not None else self._verdicts.get(handle)
+            second = self._seconds.get(handle)
+            return (first.revision if first else 0, second.revision if second else 0)
 
     def depth(self) -> dict[str, int]:
         """Items waiting per stage (new, escalated, second), and those set aside."""

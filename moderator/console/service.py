@@ -115,12 +115,17 @@ class ReviewService:
                 continue
             if not self.leases.claim(q.handle, who.name):  # atomic: another replica may have won it
                 continue
-            if stages[q.handle] is None or self.queue.stage(q.handle) != stages[q.handle]:  # judged meanwhile: its
-                self.leases.release(q.handle, who.name)  # verdict is known before its lease is released
+            if stages[q.handle] is None or self.queue.stage(q.handle) != stages[q.handle] or self._behind(q.handle):
+                self.leases.release(q.handle, who.name)  # judged meanwhile, here or on another replica
                 continue
             self._claimed(q.handle, who.name)
             got.append(q)
         return got
+
+    def _behind(self, handle: str) -> bool:
+        """Whether another replica published a verdict on the item that this one has not read yet."""
+        known, latest = self.queue.revisions(handle), self.leases.judged(handle)
+        return latest[0] > known[0] or latest[1] > known[1]
 
     def _room(self, name: str) -> int:
         held = len(self.leases.held_by(name))
@@ -147,6 +152,9 @@ class ReviewService:
             raise NotYours(
                 f"{queued.item.event_id} is being reviewed by {self.leases.holder(handle) or 'someone else'}"
             )
+        if self._behind(handle):
+            self.leases.release(handle, who.name)
+            raise NotYours(f"{queued.item.event_id} was just judged on another console: try again in a moment")
         self._claimed(handle, who.name)
         return queued
 
@@ -315,6 +323,7 @@ class ReviewService:
         except Exception:
             self.leases.release_revision(slot, revision, reviewer)  # not published: it may be tried again
             raise
+        self.leases.mark_judged(handle, *self.queue.revisions(handle))  # before the lease goes: every replica
         self.leases.release(handle, reviewer)
         with self._lock:
             self._claims.pop(handle, None)
