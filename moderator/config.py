@@ -6,6 +6,7 @@ A bad value stops start-up with :class:`ConfigError`, whose message names the va
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -177,6 +178,12 @@ class Settings(BaseSettings):
     console_scrypt_ln: int = Field(15, ge=10, le=20)  # cost of new password hashes (add-user): N = 2^ln
     console_login_free_attempts: int = Field(5, ge=1, le=100)  # failures before the waits begin
     console_max_leases: int = Field(25, ge=1, le=1000)  # items one reviewer holds at most
+    # Named queues ([{"name": ..., "roles": [...]}]) and the routes into them ([{"queue": ..., "category":
+    # ..., "policy": ..., "decision": ..., "sampled": ..., "retroactive": ...}], first match wins): see
+    # moderator/console/routing.py. Checked when the console starts.
+    console_queues: tuple[dict[str, Any], ...] = ()
+    console_routes: tuple[dict[str, Any], ...] = ()
+    console_default_queue: str = "default"
     console_https: bool = False  # behind TLS: Secure cookies and Strict-Transport-Security
     console_allowed_origins: tuple[str, ...] = ()  # the public origin(s), e.g. https://review.example.com
     console_session_hours: float = Field(8.0, gt=0, le=168)
@@ -196,9 +203,11 @@ class Settings(BaseSettings):
     @field_validator("console_trusted_proxies")
     @classmethod
     def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from moderator.console.auth import parse_networks
-
-        parse_networks(v)
+        for value in v:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8)") from None
         return v
 
     @field_validator("console_secret_key")

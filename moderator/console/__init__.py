@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import uvicorn
+from pydantic import ValidationError
 
 from moderator import clients
 from moderator.app import App
@@ -34,6 +35,7 @@ from moderator.console.feeds import ConsoleFeeds
 from moderator.console.images import ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import ReviewQueue
+from moderator.console.routing import QueueSpec, RouteSpec, Routing, RoutingError
 from moderator.console.security import host_name
 from moderator.console.service import ReviewService
 from moderator.console.sessions import Sessions
@@ -86,7 +88,13 @@ class Console:
                             fix="set MODERATOR_CONSOLE_SECRET_KEY (the same on every replica)")  # fmt: skip
         redis = clients.make_redis(s.redis_url.get_secret_value(), 2000, 2000)
         self.redis = redis
-        self.queue = ReviewQueue()
+        try:
+            queues = [QueueSpec.model_validate(q) for q in s.console_queues]
+            routing = Routing.build(queues, [RouteSpec.model_validate(r) for r in s.console_routes],
+                                    s.console_default_queue)  # fmt: skip
+        except (ValidationError, RoutingError) as exc:
+            raise ConsoleConfigError(f"MODERATOR_CONSOLE_QUEUES / _ROUTES: {exc}") from None
+        self.queue = ReviewQueue(route=routing.queue_of)
         self.leases = Leases(redis, s.console_redis_prefix, s.console_lease_s)
         self.sessions = Sessions(redis, s.console_redis_prefix, s.console_idle_minutes * 60,
                                  s.console_session_hours * 3600)  # fmt: skip
@@ -94,7 +102,7 @@ class Console:
         self.images = ReviewImages(app)
         banks = ConsoleBanks(app, self.images, self.feeds) if s.console_banks else None
         self.service = ReviewService(self.queue, self.leases, self.feeds, self.images, banks=banks,
-                                     max_leases=s.console_max_leases)  # fmt: skip
+                                     max_leases=s.console_max_leases, routing=routing)  # fmt: skip
         self.feeds.on_tick = self.service.expire_claims
         hosts = set(s.console_allowed_hosts) | {host_name(urlsplit(o).netloc) for o in s.console_allowed_origins}
         if s.console_host not in ("0.0.0.0", "::", ""):

@@ -170,8 +170,8 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
 
         return wrapped
 
-    async def next_item(who: Person, escalated: bool = False) -> Response:
-        got = await run_in_threadpool(service.claim_next, who, 1, escalated)
+    async def next_item(who: Person, escalated: bool = False, named: str | None = None) -> Response:
+        got = await run_in_threadpool(service.claim_next, who, 1, escalated, frozenset(), named)
         if not got:
             return RedirectResponse("/?empty=1", status_code=303)
         return RedirectResponse(f"/item/{got[0].handle}", status_code=303)
@@ -223,9 +223,12 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
 
     # --- pages ---------------------------------------------------------------------------------------
     async def home(request: Request, who: Person) -> Response:
-        upcoming = queue.pending()[:25]
+        mine = service.routing.queues_for(who.role)
+        upcoming = queue.pending(queues=mine)[:25]
         recent = queue.judged_by(who.name, 20)
-        return page(request, "queue.html", who, upcoming=upcoming, recent=recent,
+        depth = queue.depth_by_queue()
+        named = [(name, depth.get(name, 0)) for name in mine] if len(service.routing.queues) > 1 else []
+        return page(request, "queue.html", who, upcoming=upcoming, recent=recent, queues=named,
                     empty="empty" in request.query_params)  # fmt: skip
 
     async def escalated_page(request: Request, who: Person) -> Response:
@@ -277,7 +280,8 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
 
     # --- actions -------------------------------------------------------------------------------------
     async def claim(request: Request, who: Person) -> Response:
-        return await next_item(who, escalated=request.query_params.get("escalated") == "1")
+        named = request.query_params.get("queue") or None
+        return await next_item(who, escalated=request.query_params.get("escalated") == "1", named=named)
 
     async def claim_one(request: Request, who: Person) -> Response:
         queued = await run_in_threadpool(service.claim, request.path_params["handle"], who)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +35,7 @@ class Queued:
     offsets: list[tuple[Hashable, int]] = field(default_factory=list)  # its records (duplicates after a crash)
     arrived: float = field(default_factory=time.time)
     set_aside: str | None = None  # why it is not handed out (its image changed since it was scored)
+    queue: str = "default"  # the named queue its route chose (routing.py)
 
     @property
     def handle(self) -> str:
@@ -59,8 +60,9 @@ def _merge(old: ReviewItem, new: ReviewItem) -> ReviewItem:
 
 
 class ReviewQueue:
-    def __init__(self, keep_done: int = 20_000) -> None:
+    def __init__(self, keep_done: int = 20_000, route: Callable[[ReviewItem], str] = lambda item: "default") -> None:
         self._lock = threading.Lock()
+        self.route = route  # the named queue of an item
         self._items: dict[str, Queued] = {}  # by handle: not done (escalated and second-review ones included)
         self._verdicts: dict[str, Verdict] = {}  # by handle: the current verdict of every item seen
         self._seconds: dict[str, Verdict] = {}  # by handle: second opinions (double review)
@@ -113,7 +115,7 @@ class ReviewQueue:
             handle = item.handle
             queued = self._items.get(handle)
             if queued is None:
-                queued = Queued(item)
+                queued = Queued(item, queue=self.route(item))
                 if self._stage(queued) is None:  # judged already (a restart reads it again)
                     if tracked:
                         self._tracker.finish(partition, offset)
@@ -121,6 +123,7 @@ class ReviewQueue:
                 self._items[handle] = queued
             else:
                 queued.item = _merge(queued.item, item)
+                queued.queue = self.route(queued.item)
             if tracked:
                 queued.offsets.append((partition, offset))
             self._order = None
@@ -154,14 +157,19 @@ class ReviewQueue:
                 self._order = None
 
     # --- for the pages --------------------------------------------------------------------------------
-    def pending(self, stage: Stage = "new", for_reviewer: str | None = None) -> list[Queued]:
-        """Items waiting in ``stage``, by priority then age. With ``for_reviewer``: the ones that reviewer
-        may claim now (a first verdict, or a second opinion on someone else's), never the set-aside ones."""
+    def pending(
+        self, stage: Stage = "new", for_reviewer: str | None = None, queues: Collection[str] | None = None
+    ) -> list[Queued]:
+        """Items waiting in ``stage``, by priority then age (of ``queues`` only, when given). With
+        ``for_reviewer``: the ones that reviewer may claim now (a first verdict, or a second opinion on
+        someone else's), never the set-aside ones."""
         with self._lock:
             if self._order is None:
                 self._order = sorted(self._items.values(), key=lambda q: q.sort_key)
             out = []
             for q in self._order:
+                if queues is not None and q.queue not in queues:
+                    continue
                 where = self._stage(q)
                 if for_reviewer is None:
                     if where == stage:
@@ -229,6 +237,15 @@ class ReviewQueue:
         """Every verdict record read (the latest 200,000), in the order read."""
         with self._lock:
             return list(self._history.values())
+
+    def depth_by_queue(self) -> dict[str, int]:
+        """Items a reviewer may claim now (new or for a second opinion), per named queue."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for q in self._items.values():
+                if q.set_aside is None and self._stage(q) in ("new", "second"):
+                    out[q.queue] = out.get(q.queue, 0) + 1
+            return out
 
     def waiting(self) -> list[tuple[str, str]]:
         """(stage, decided_at) of every waiting item; set-aside ones as ``set_aside``."""

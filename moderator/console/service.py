@@ -22,6 +22,7 @@ from moderator.console.feeds import ConsoleFeeds
 from moderator.console.images import ImageChanged, ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import Queued, ReviewQueue
+from moderator.console.routing import Routing
 from moderator.events import FINAL_VERDICTS, Decision, Verdict, VerdictKind, utc_now
 
 log = obs.get_logger(__name__)
@@ -75,6 +76,7 @@ class ReviewService:
         scan_limit: int = 500,
         banks: ConsoleBanks | None = None,
         max_leases: int = 25,
+        routing: Routing | None = None,
     ) -> None:
         self.queue = queue
         self.leases = leases
@@ -83,25 +85,37 @@ class ReviewService:
         self.banks = banks  # where a confirmed image may also go (MODERATOR_CONSOLE_BANKS)
         self.scan_limit = scan_limit  # candidates looked at per claim (their leases in one round trip)
         self.max_leases = max_leases  # items one reviewer may hold at once (across replicas)
+        self.routing = routing or Routing.build([], [])  # named queues and who may work them
         self._claims: dict[str, tuple[str, float]] = {}  # made here: handle -> (reviewer, expiry)
         self._skipped: dict[tuple[str, str], float] = {}  # (reviewer, handle) -> until when
         self._lock = threading.Lock()
 
     # --- claims ---------------------------------------------------------------------------------------
     def claim_next(
-        self, who: Person, count: int = 1, escalated: bool = False, exclude: frozenset[str] = frozenset()
+        self,
+        who: Person,
+        count: int = 1,
+        escalated: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        queue: str | None = None,
     ) -> list[Queued]:
         """Claim up to ``count`` items: the first by priority, then age, that nobody holds and ``who``
         may judge (a first verdict, or a second opinion on another reviewer's; escalations: leads only,
         and an assigned one only its lead), and not those in ``exclude``, nor those ``who`` skipped while
-        their lease would have run. Never more than ``max_leases`` held at once."""
+        their lease would have run; only from the queues ``who``'s role may work (``queue``: that one).
+        Never more than ``max_leases`` held at once."""
         if escalated and not who.lead:
             raise Forbidden("only a lead finalizes an escalation")
+        queues = self.routing.queues_for(who.role)
+        if queue is not None:
+            if not self.routing.may_work(queue, who.role):
+                raise Forbidden(f"the {queue} queue is not one your role works")
+            queues = [queue]
         count = min(count, self._room(who.name))
         now = time.time()
         got: list[Queued] = []
         candidates = [
-            q for q in self.queue.pending("escalated" if escalated else "new", for_reviewer=who.name)
+            q for q in self.queue.pending("escalated" if escalated else "new", for_reviewer=who.name, queues=queues)
             if q.handle not in exclude and self._skipped.get((who.name, q.handle), 0) < now
             and (not escalated or self._assigned_ok(q.handle, who))
         ][: self.scan_limit]  # fmt: skip
@@ -159,6 +173,9 @@ class ReviewService:
         return queued
 
     def _may_judge(self, handle: str, who: Person) -> None:
+        queued = self.queue.get(handle)
+        if queued is not None and not self.routing.may_work(queued.queue, who.role):
+            raise Forbidden(f"the {queued.queue} queue is not one your role works")
         if who.lead:
             if not self._assigned_ok(handle, who) and self.queue.stage(handle) == "escalated":
                 current = self.queue.verdict(handle)

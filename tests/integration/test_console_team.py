@@ -384,3 +384,25 @@ def test_the_leads_page_shows_the_queue_the_reviewers_and_the_overturn_rate(brow
     lpage.screenshot(path=str(ARTIFACTS / "console-team.png"), full_page=True)
     rita.close()
     lena.close()
+
+
+def test_named_queues_route_items_and_only_their_roles_work_them(browser, team, kafka_service):  # noqa: F811
+    c = _start(team, kafka_service, console_queues=({"name": "weapons-leads", "roles": ["lead", "admin"]},),
+               console_routes=({"category": "weapons", "policy": "community-standards", "queue": "weapons-leads"},
+                               {"category": "drugs", "queue": "default"}))  # fmt: skip
+    try:
+        assert {q.queue for q in c.queue.pending()} == {"weapons-leads"}  # every item fired weapons
+        assert c.service.claim_next(RITA) == []  # nothing in the queues a reviewer works
+        with pytest.raises(Forbidden, match="weapons-leads"):
+            c.service.claim(_handle(c, "t-04"), RITA)  # not by id either
+        with pytest.raises(Forbidden):
+            c.service.claim_next(RITA, queue="weapons-leads")
+        lena, page = _login(browser, c, "lena")
+        rows = page.locator("#queues tbody tr").all_inner_texts()
+        assert [r.split("\t")[:2] for r in rows] == [["weapons-leads", "14"], ["default", "0"]]
+        with page.expect_navigation():
+            page.click("form[action='/claim?queue=weapons-leads'] button")
+        assert "/item/" in page.url
+        lena.close()
+    finally:
+        c.stop()

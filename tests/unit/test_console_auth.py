@@ -183,3 +183,28 @@ def test_the_team_figures_from_waiting_items_and_verdicts():
     assert {r.category: (r.judged, r.overturned) for r in stats.categories} == {"weapons": (2, 1), "drugs": (2, 1)}
     assert stats.to_verdict_n == 3 and stats.to_verdict_p50_s == 10 * 60  # first verdicts: 0, 10 and 20 min
     assert duration(95) == "1 min 35 s" and duration(None) == "\u2013" and duration(90_000) == "1 d 1 h"
+
+
+def test_routing_first_match_wins_and_roles_decide_who_works_a_queue():
+    from moderator.console.routing import QueueSpec, RouteSpec, Routing, RoutingError
+    from moderator.events import ImageRef, PolicyRef, ReviewItem, Source, Trigger
+
+    def item(category: str, sampled: bool = False) -> ReviewItem:
+        return ReviewItem(event_id="e", decision="review", priority=1, scores={category: 0.5}, sampled=sampled,
+                          reasons=[Trigger(category=category, rule="review", score=0.5, threshold=0.4)],
+                          image=ImageRef(url="https://x/y.jpg", sha256="ab", bytes=1), model="m",
+                          policy=PolicyRef(name="p", version="v"), decided_at="2026-12-03T00:00:00Z",
+                          source=Source(topic="images", partition=0, offset=1))  # fmt: skip
+
+    routing = Routing.build(
+        [QueueSpec(name="leads", roles=("lead", "admin")), QueueSpec(name="audit")],
+        [RouteSpec(queue="audit", sampled=True), RouteSpec(queue="leads", category="self-harm"),
+         RouteSpec(queue="leads", category="weapons", policy="other")],
+    )  # fmt: skip
+    assert routing.queue_of(item("self-harm")) == "leads"
+    assert routing.queue_of(item("self-harm", sampled=True)) == "audit"  # the first rule that matches
+    assert routing.queue_of(item("weapons")) == "default"  # policy p, not other
+    assert routing.queues_for("reviewer") == ["audit", "default"] and not routing.may_work("leads", "reviewer")
+    assert routing.queues_for("lead") == ["leads", "audit", "default"] and not routing.may_work("nope", "admin")
+    with pytest.raises(RoutingError, match="not in MODERATOR_CONSOLE_QUEUES"):
+        Routing.build([], [RouteSpec(queue="typo")])
