@@ -70,6 +70,7 @@ class Options:
     since: datetime | None = None  # the window, by decision time
     until: datetime | None = None
     holdout_after: datetime | None = None  # decisions after it are not used to choose, only to measure
+    include_appeals: bool = False  # an appeal's verdict replaces the event's earlier one (a corrected label)
     out: Path = Path("calibration")
 
 
@@ -146,7 +147,7 @@ def read_window(app: App, policy: CompiledPolicy, opts: Options) -> Window:
     """Steps 2 and 3 of the module docstring."""
     name, version = policy.spec.name, policy.version
     logged = read_log(app, policy.model, image_precision=None)  # any precision: re-scored under this one
-    verdicts = read_verdicts(app)
+    verdicts = read_verdicts(app, include_appeals=opts.include_appeals)
     since = opts.since.timestamp() if opts.since else -np.inf
     until = opts.until.timestamp() if opts.until else np.inf
     left_out: Counter[str] = Counter()

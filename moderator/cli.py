@@ -164,7 +164,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             target_precision=args.target_precision, target_recall=args.target_recall, min_samples=args.min_samples,
             confidence=args.confidence, joint=args.joint, max_review_share=args.max_review_share,
             since=when(args.since, "--since"), until=when(args.until, "--until"),
-            holdout_after=when(args.holdout_after, "--holdout-after"),
+            holdout_after=when(args.holdout_after, "--holdout-after"), include_appeals=args.include_appeals,
             out=Path(args.out) if args.out else Path("calibration") / f"{args.policy}-{stamp}",
         )  # fmt: skip
     except CalibrateError as exc:
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the report's directory (default: calibration/<policy>-<time>)")
     p.add_argument("--model", help="checkpoint id or local directory (default: MODERATOR_MODEL_ID)")
     p.add_argument("--json", action="store_true", help="one JSON object (the default when not on a terminal)")
+    p.add_argument("--include-appeals", action="store_true",
+                   help="an appeal's verdict replaces the event's earlier one (left out by default: appeals are"
+                   " chosen by users, not sampled)")  # fmt: skip
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("shadow", help="live vs shadow policies: agreement and transitions, from the shadow topic")

@@ -298,15 +298,21 @@ class ReviewItem(_Record):
         False, description="drawn for a second, independent verdict by another reviewer (the policy's double_review)"
     )
 
+    appeal_id: str | None = Field(None, description="an appeal of the decision (the console's appeals queue)")
+    appeal_text: str | None = Field(None, description="what the user wrote in their appeal")
+    appealed_at: str | None = None
+
     @property
     def handle(self) -> str:
-        """The item's opaque name (URLs, caches, leases): its event id and image, hashed."""
-        return item_handle(self.event_id, self.image.sha256)
+        """The item's opaque name (URLs, caches, leases): its event id and image, hashed (an appeal of
+        the decision is an item of its own)."""
+        return item_handle(self.event_id, self.image.sha256, self.appeal_id)
 
 
-def item_handle(event_id: str, sha256: str | None) -> str:
-    """An item's identity as one URL-safe name: (event id, image sha256), hashed."""
-    return hashlib.sha256(f"{event_id}\x00{sha256 or ''}".encode()).hexdigest()[:32]
+def item_handle(event_id: str, sha256: str | None, appeal_id: str | None = None) -> str:
+    """An item's identity as one URL-safe name: (event id, image sha256[, appeal id]), hashed."""
+    appeal = f"\x00appeal\x00{appeal_id}" if appeal_id is not None else ""
+    return hashlib.sha256(f"{event_id}\x00{sha256 or ''}{appeal}".encode()).hexdigest()[:32]
 
 
 VerdictKind = Literal["confirm", "overturn", "escalate"]
@@ -338,12 +344,14 @@ class Verdict(_Record):
         None, description="the reviewer's role when they gave it (null in older records)"
     )
     assigned_to: str | None = Field(None, description="an escalation assigned to this lead (only they finalize it)")
+    appeal: bool = Field(False, description="it decides a user's appeal (not a random sample: calibrate leaves it out)")
+    appeal_id: str | None = None
     decided_at: str = Field(description="when the judged decision was made")
     reviewed_at: str
 
     @property
     def handle(self) -> str:
-        return item_handle(self.event_id, self.image_sha256)
+        return item_handle(self.event_id, self.image_sha256, self.appeal_id if self.appeal else None)
 
     @property
     def key(self) -> str:
@@ -482,6 +490,43 @@ class BankEntry(_Record):
         return f"{self.bank}/{self.id}"
 
 
+class Appeal(_Record):
+    """What the appeals topic carries (key = event id): a user asks for a decision to be looked at again.
+    ``decision`` is the decision record as the platform received it (its image is read back from its
+    ``source``, and must still have its ``image_sha256``)."""
+
+    appeal_id: str = Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+    event_id: str
+    decision: DecisionRecord
+    text: str = Field("", max_length=5000, description="the user's own words")
+    appealed_at: str = Field(default_factory=utc_now)
+
+    def review_item(self) -> ReviewItem:
+        """The appeal as an item of the console's appeals queue: the decision, its image read back from
+        the event's coordinates, first in line."""
+        d = self.decision
+        return ReviewItem(
+            event_id=self.event_id, decision=d.decision, priority=100, scores=d.scores, reasons=d.triggered,
+            image=ImageRef(inline_source=d.source, sha256=d.image_sha256 or "", bytes=0), policy=d.policy,
+            model=d.model, image_precision=d.image_precision, metadata=d.metadata, source=d.source,
+            decided_at=d.decided_at, appeal_id=self.appeal_id, appeal_text=self.text, appealed_at=self.appealed_at,
+        )  # fmt: skip
+
+
+class AppealDecision(_Record):
+    """What the appeal-decisions topic carries (key = event id): a lead's answer, for the platform."""
+
+    appeal_id: str
+    event_id: str
+    outcome: Literal["upheld", "overturned"]
+    decision: Outcome = Field(description="the decision appealed")
+    categories: list[str] = Field(default_factory=list, description="the violated categories (upheld)")
+    reviewer: str
+    note: str = ""
+    appealed_at: str
+    decided_at: str = Field(description="when the appeal was decided")
+
+
 # The record of each topic of the registry (``moderator/topics.py`` names them).
 RECORDS: dict[str, type[BaseModel]] = {
     "ImageEvent": ImageEvent,
@@ -493,6 +538,8 @@ RECORDS: dict[str, type[BaseModel]] = {
     "Verdict": Verdict,
     "PublishedPolicy": PublishedPolicy,
     "BankEntry": BankEntry,
+    "Appeal": Appeal,
+    "AppealDecision": AppealDecision,
 }
 
 

@@ -154,14 +154,17 @@ class Verdicts:
         return self.second.get((event_id, sha256))
 
 
-def read_verdicts(app: App) -> Verdicts:
-    """Every current verdict; empty without a verdicts topic."""
+def read_verdicts(app: App, include_appeals: bool = False) -> Verdicts:
+    """Every current verdict; empty without a verdicts topic. Appeal verdicts are left out unless asked
+    (appeals are not a sample of anything: the users chose them)."""
     out = Verdicts({}, {})
 
     def apply(record: Any) -> None:
         if record.value is None:
             return
         verdict = Verdict.model_validate_json(record.value)
+        if verdict.appeal and not include_appeals:
+            return
         into = out.second if verdict.second_opinion else out.current
         key = (verdict.event_id, verdict.image_sha256)
         known = into.get(key)

@@ -65,6 +65,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         "shadow policies' decisions beside the live ones",
     ),
     TopicSpec("verdicts", "verdicts", "Verdict", "state", "reviewers' verdicts (moderator console)", compacted=True),
+    TopicSpec("appeals", "appeals", "Appeal", "input", "users' appeals of decisions (moderator console)"),
+    TopicSpec("appeal_decisions", "appeal-decisions", "AppealDecision", "output", "leads' answers to appeals"),
     TopicSpec(
         "policies",
         "policies",

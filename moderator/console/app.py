@@ -227,7 +227,7 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
         upcoming = queue.pending(queues=mine)[:25]
         recent = queue.judged_by(who.name, 20)
         depth = queue.depth_by_queue()
-        named = [(name, depth.get(name, 0)) for name in mine] if len(service.routing.queues) > 1 else []
+        named = [(name, depth.get(name, 0)) for name in mine] if len(mine) > 1 else []
         return page(request, "queue.html", who, upcoming=upcoming, recent=recent, queues=named,
                     empty="empty" in request.query_params)  # fmt: skip
 

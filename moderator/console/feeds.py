@@ -10,6 +10,7 @@
   item is not done) under ``MODERATOR_CONSOLE_GROUP_ID`` (offsets only: no group membership), so a
   restarted replica reads again only from there; every replica commits the same watermark, give or
   take what it has not read yet.
+- The appeals topic is read the same way, each appeal an item of the appeals queue.
 - :meth:`ConsoleFeeds.publish` sends a verdict and waits for the broker's acknowledgement.
 """
 
@@ -29,7 +30,7 @@ from moderator import observability as obs
 from moderator.app import App
 from moderator.clients import TopicError, read_to_end
 from moderator.console.queue import ReviewQueue
-from moderator.events import BankEntry, ReviewItem, Verdict
+from moderator.events import Appeal, AppealDecision, BankEntry, ReviewItem, Verdict
 
 log = obs.get_logger(__name__)
 
@@ -56,7 +57,15 @@ class ConsoleFeeds:
         found = self.review.partitions_for_topic(topic)
         if not found:
             raise TopicError(f"the review topic {topic!r} does not exist: create it (moderator topics create)")
-        self.review.assign([TopicPartition(topic, p) for p in sorted(found)])  # every partition, on every replica
+        parts = [TopicPartition(topic, p) for p in sorted(found)]  # every partition, on every replica
+        appeals = self.app.settings.topic("appeals")
+        found_appeals = self.review.partitions_for_topic(appeals)
+        if found_appeals:
+            parts += [TopicPartition(appeals, p) for p in sorted(found_appeals)]
+        else:
+            log.warning("console_no_appeals_topic", topic=appeals, consequence="no appeals are shown",
+                        fix="create it: moderator topics create")  # fmt: skip
+        self.review.assign(parts)
         self._thread.start()
         return self
 
@@ -96,7 +105,10 @@ class ConsoleFeeds:
 
     def _item(self, tp: TopicPartition, record: Any) -> None:
         try:
-            item = ReviewItem.model_validate_json(record.value or b"")
+            if tp.topic == self.app.settings.topic("appeals"):
+                item = Appeal.model_validate_json(record.value or b"").review_item()
+            else:
+                item = ReviewItem.model_validate_json(record.value or b"")
         except ValidationError as exc:
             log.warning("console_bad_review_record", partition=tp.partition, offset=record.offset, error=str(exc)[:200])
             return
@@ -132,6 +144,11 @@ class ConsoleFeeds:
         value = json.dumps(verdict.model_dump(mode="json")).encode()
         self.producer.send(self.app.settings.topic("verdicts"), key=verdict.key.encode(), value=value).get(timeout=30)
         self.queue.add_verdict(verdict)
+
+    def publish_appeal_decision(self, decision: AppealDecision) -> None:
+        """Publish a lead's answer to an appeal (for the platform) and wait until the broker has it."""
+        self.producer.send(self.app.settings.topic("appeal_decisions"), key=decision.event_id.encode(),
+                           value=decision.model_dump_json().encode()).get(timeout=30)  # fmt: skip
 
     def publish_bank_entry(self, topic: str, entry: BankEntry) -> None:
         """Publish a bank entry (``console/banks.py``) and wait until the broker has it."""

@@ -124,8 +124,13 @@ class ReviewImages:
             parsed = parse_event(records[0].key, records[0].value, raw, self.app.settings.image_max_bytes)
         except ReasonError as exc:
             raise ImageUnavailable(f"the event cannot be read back ({exc.reason})") from None
+        if parsed.data is None and parsed.url is not None:  # an appeal of a URL event: its URL, fetched
+            try:
+                return self.app.fetcher.fetch(parsed.url)
+            except ReasonError as exc:
+                raise ImageUnavailable(f"the image URL cannot be fetched ({exc.reason})") from None
         if parsed.data is None:
-            raise ImageUnavailable("the event at those coordinates carries no inline image")
+            raise ImageUnavailable("the event at those coordinates carries no image")
         return parsed.data
 
     def close(self) -> None:

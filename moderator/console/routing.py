@@ -7,6 +7,7 @@ every condition given must hold (``policy``, ``category``: one of the categories
 ``decision``, ``sampled``, ``retroactive``), e.g.
 ``[{"category": "self-harm", "queue": "csam-leads"}, {"sampled": true, "queue": "audit"}]``. An item no
 rule matches goes to ``MODERATOR_CONSOLE_DEFAULT_QUEUE`` (``default``), which every role may work.
+Appeals go to the ``appeals`` queue (leads and admins) unless a rule with ``"appeal": true`` matches.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moderator.console.auth import ROLES, Role
 from moderator.events import ReviewItem
+
+APPEALS = "appeals"  # where appeals go unless a route with "appeal": true says otherwise (leads, admins)
 
 
 class QueueSpec(BaseModel):
@@ -34,10 +37,12 @@ class RouteSpec(BaseModel):
     decision: str | None = None
     sampled: bool | None = None
     retroactive: bool | None = None
+    appeal: bool | None = None
 
     def matches(self, item: ReviewItem) -> bool:
         return (
-            (self.policy is None or item.policy.name == self.policy)
+            (self.appeal is None or (item.appeal_id is not None) == self.appeal)
+            and (self.policy is None or item.policy.name == self.policy)
             and (self.category is None or any(r.category == self.category for r in item.reasons))
             and (self.decision is None or item.decision == self.decision)
             and (self.sampled is None or item.sampled == self.sampled)
@@ -61,12 +66,15 @@ class Routing:
         if len(named) != len(queues):
             raise RoutingError("MODERATOR_CONSOLE_QUEUES names a queue twice")
         named.setdefault(default, QueueSpec(name=default))
+        named.setdefault(APPEALS, QueueSpec(name=APPEALS, roles=("lead", "admin")))
         unknown = sorted({r.queue for r in routes} - set(named))
         if unknown:
             raise RoutingError(f"MODERATOR_CONSOLE_ROUTES sends items to {unknown}, not in MODERATOR_CONSOLE_QUEUES")
         return cls(named, tuple(routes), default)
 
     def queue_of(self, item: ReviewItem) -> str:
+        if item.appeal_id is not None:  # appeals: only a rule that asks for them, else their own queue
+            return next((r.queue for r in self.routes if r.appeal and r.matches(item)), APPEALS)
         return next((r.queue for r in self.routes if r.matches(item)), self.default)
 
     def may_work(self, queue: str, role: Role) -> bool:

@@ -23,7 +23,7 @@ from moderator.console.images import ImageChanged, ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import Queued, ReviewQueue
 from moderator.console.routing import Routing
-from moderator.events import FINAL_VERDICTS, Decision, Verdict, VerdictKind, utc_now
+from moderator.events import FINAL_VERDICTS, AppealDecision, Decision, Verdict, VerdictKind, item_handle, utc_now
 
 log = obs.get_logger(__name__)
 
@@ -176,6 +176,8 @@ class ReviewService:
         queued = self.queue.get(handle)
         if queued is not None and not self.routing.may_work(queued.queue, who.role):
             raise Forbidden(f"the {queued.queue} queue is not one your role works")
+        if queued is not None and queued.item.appeal_id is not None and not who.lead:
+            raise Forbidden("only a lead decides an appeal")
         if who.lead:
             if not self._assigned_ok(handle, who) and self.queue.stage(handle) == "escalated":
                 current = self.queue.verdict(handle)
@@ -313,6 +315,11 @@ class ReviewService:
         if bank is not None and not who.lead:
             raise Forbidden("only a lead adds an image to a bank")
         revision = (current.revision + 1) if current is not None else 1
+        if item.appeal_id is not None:  # a revision of the event's verdict: after its latest, appeal or not
+            if verdict not in FINAL_VERDICTS or bank is not None:
+                raise ConsoleError("an appeal is upheld (confirm) or overturned, nothing else")
+            before = self.queue.verdict(item_handle(item.event_id, item.image.sha256 or None))
+            revision = max(revision, (before.revision + 1) if before is not None else 1)
         slot = handle + ("#second" if second else "")
         if not self.leases.reserve_revision(slot, revision, reviewer):  # one publisher per revision
             raise NotYours("this verdict is being published already (a second submit): reload the page")
@@ -334,9 +341,17 @@ class ReviewService:
                 note=note[:2000], revision=revision, judged=judged, sampled=item.sampled,
                 sample_rate=item.sample_rate, retroactive=item.retroactive, image_sha256=item.image.sha256 or None,
                 second_opinion=second, role=who.role, assigned_to=assign if verdict == "escalate" else None,
+                appeal=item.appeal_id is not None, appeal_id=item.appeal_id,
                 decided_at=item.decided_at, reviewed_at=utc_now(),
             )  # fmt: skip
             self.feeds.publish(record)
+            if item.appeal_id is not None:
+                self.feeds.publish_appeal_decision(AppealDecision(
+                    appeal_id=item.appeal_id, event_id=item.event_id, decision=item.decision,
+                    outcome="upheld" if verdict == "confirm" else "overturned", categories=categories,
+                    reviewer=reviewer, note=note[:2000], appealed_at=item.appealed_at or item.decided_at,
+                    decided_at=record.reviewed_at,
+                ))  # fmt: skip
         except Exception:
             self.leases.release_revision(slot, revision, reviewer)  # not published: it may be tried again
             raise

@@ -93,11 +93,11 @@ def inline_event(event_id: str, data: bytes, **extra: Any) -> bytes:
     return json.dumps({"id": event_id, "image": {"data": base64.b64encode(data).decode()}, **extra}).encode()
 
 
-def produce(settings: Settings, items: Iterable[tuple[str, bytes]]) -> int:
+def produce(settings: Settings, items: Iterable[tuple[str, bytes]], topic: str | None = None) -> int:
     producer = make_producer(settings)
     n = 0
     for key, value in items:
-        producer.send(settings.topic("images"), key=key.encode(), value=value)
+        producer.send(topic or settings.topic("images"), key=key.encode(), value=value)
         n += 1
     producer.flush()
     producer.close()

@@ -205,6 +205,10 @@ def test_routing_first_match_wins_and_roles_decide_who_works_a_queue():
     assert routing.queue_of(item("self-harm", sampled=True)) == "audit"  # the first rule that matches
     assert routing.queue_of(item("weapons")) == "default"  # policy p, not other
     assert routing.queues_for("reviewer") == ["audit", "default"] and not routing.may_work("leads", "reviewer")
-    assert routing.queues_for("lead") == ["leads", "audit", "default"] and not routing.may_work("nope", "admin")
+    assert routing.queues_for("lead") == ["leads", "audit", "default", "appeals"]
+    assert not routing.may_work("nope", "admin") and not routing.may_work("appeals", "reviewer")
+    appeal = item("self-harm").model_copy(update={"appeal_id": "a1"})
+    assert routing.queue_of(appeal) == "appeals"  # appeals to their own queue, not by the category rule
+    assert Routing.build([], [RouteSpec(queue="default", appeal=True)]).queue_of(appeal) == "default"
     with pytest.raises(RoutingError, match="not in MODERATOR_CONSOLE_QUEUES"):
         Routing.build([], [RouteSpec(queue="typo")])
