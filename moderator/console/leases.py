@@ -14,6 +14,7 @@ Beside the leases, in the same Redis and so shared by every replica:
   only then), for as long as a lease.
 - ``<prefix>revision:<key>:<n>``: revision ``n`` of a verdict is being published (``SET NX``): two quick
   submits, on one replica or two, never both publish the same revision.
+- ``<prefix>aside:<handle>``: the item's image changed since it was scored (set aside on every replica).
 - ``<prefix>judged:<handle>``: the revisions of the item's verdict and second opinion last published,
   written before the lease is released. A replica that has not read them yet from the verdicts topic
   does not hand the item out (it would show a judged item again).
@@ -152,3 +153,11 @@ class Leases:
             return (0, 0)
         first, _, second = _text(value).partition(",")
         return (int(first), int(second or 0))
+
+    def set_aside(self, handle: str, why: str) -> None:
+        """The item's image changed since it was scored: no replica hands it out again."""
+        self.client.set(f"{self.prefix}aside:{handle}", why, ex=30 * 86_400)
+
+    def aside(self, handle: str) -> str | None:
+        value = self.client.get(f"{self.prefix}aside:{handle}")
+        return _text(value) if value is not None else None

@@ -132,6 +132,11 @@ class ReviewService:
             if stages[q.handle] is None or self.queue.stage(q.handle) != stages[q.handle] or self._behind(q.handle):
                 self.leases.release(q.handle, who.name)  # judged meanwhile, here or on another replica
                 continue
+            aside = self.leases.aside(q.handle)
+            if aside is not None:  # another replica found its image changed
+                self.queue.set_aside(q.handle, aside)
+                self.leases.release(q.handle, who.name)
+                continue
             self._claimed(q.handle, who.name)
             got.append(q)
         return got
@@ -217,6 +222,7 @@ class ReviewService:
             return self.images.jpeg(queued.item) if original else self.images.blurred(queued.item)
         except ImageChanged as exc:
             self.queue.set_aside(handle, str(exc))
+            self.leases.set_aside(handle, str(exc))  # on every replica
             obs.CONSOLE_IMAGE_CHANGED.inc()
             log.warning("console_image_changed", event_id=queued.item.event_id, sha256=queued.item.image.sha256,
                         url=queued.item.image.url, reviewer=reviewer)  # fmt: skip

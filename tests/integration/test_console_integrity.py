@@ -159,6 +159,16 @@ def test_an_image_that_changed_since_it_was_scored_is_refused_never_shown(browse
         assert ab not in {q.handle for q in c.queue.pending(for_reviewer="bob")}
         with pytest.raises(ConsoleError, match="only be escalated"):
             c.service.submit(ab, ALICE, "confirm", ["weapons"])
+        c.service.skip(ab, "alice")  # free to claim: only being set aside keeps it from anyone
+        other = Console(App(c.app.settings), health=False).start()  # another replica: it is set aside there too
+        try:
+            wait_until(lambda: sum(other.queue.depth().values()) == 6)
+            claimed = other.service.claim_next(BOB, count=10)
+            assert claimed and ab not in {q.handle for q in claimed} and other.queue.depth()["set_aside"] == 1
+            for q in claimed:
+                other.service.skip(q.handle, "bob")
+        finally:
+            other.stop()
         # c-aab: its server still answers A once more: the reviewer sees A (checked, then cached) ...
         aab = _handle(c, "c-aab")
         page.request.post(f"/claim/{aab}", form={"csrf_token": token})
