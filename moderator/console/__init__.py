@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -42,6 +43,14 @@ from moderator.console.sessions import Sessions
 from moderator.observability import HealthServer, get_logger
 
 log = get_logger(__name__)
+
+
+def redis_ready(client: Any) -> bool:
+    """Readiness: Redis answers (leases, sessions and claims live there)."""
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
 
 
 class ConsoleConfigError(Exception):
@@ -160,10 +169,7 @@ class Console:
         return self
 
     def _redis_ok(self) -> bool:
-        try:
-            return bool(self.redis.ping())
-        except Exception:
-            return False
+        return redis_ready(self.redis)
 
     def wait(self) -> None:
         while self._thread is not None and self._thread.is_alive():

@@ -45,7 +45,6 @@ from moderator import observability as obs
 from moderator.console.auth import (
     USERNAME_RE,
     AccountsFile,
-    LoginGuard,
     Network,
     header_once,
     peer_trusted,
@@ -61,7 +60,7 @@ from moderator.console.security import (
     rotate_csrf_token,
 )
 from moderator.console.service import ConsoleError, Forbidden, Person, ReviewService
-from moderator.console.sessions import Sessions
+from moderator.console.sessions import LoginGuard, Sessions
 from moderator.console.team import duration, team_stats
 from moderator.events import VerdictKind
 
@@ -94,8 +93,8 @@ class WebConfig:
 
 def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, sessions: Sessions) -> ASGIApp:
     templates = Jinja2Templates(directory=HERE / "templates")
-    by_account = LoginGuard(free=config.login_free_attempts)
-    by_address = LoginGuard(free=config.login_free_attempts * 4)
+    by_account = LoginGuard(sessions.client, sessions.prefix, free=config.login_free_attempts)
+    by_address = LoginGuard(sessions.client, sessions.prefix, free=config.login_free_attempts * 4)
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-login")  # scrypt: one core at most
     waiting = threading.BoundedSemaphore(LOGIN_WAITING)
 
@@ -186,7 +185,7 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
         form = await request.form()
         name, password = str(form.get("username", ""))[:64], str(form.get("password", ""))[:1024]
         keys_account, keys_address = [f"account:{name}"], [f"ip:{address(request)}"]
-        wait = max(by_account.wait(keys_account), by_address.wait(keys_address))
+        wait = await run_in_threadpool(lambda: max(by_account.wait(keys_account), by_address.wait(keys_address)))
         if wait > 0:  # no hash is computed while a wait runs
             obs.CONSOLE_LOGIN_REFUSED.labels(why="backoff").inc()
             retry = str(max(1, round(wait)))
@@ -204,11 +203,11 @@ def create_app(config: WebConfig, queue: ReviewQueue, service: ReviewService, se
         finally:
             waiting.release()
         if account is None:
-            by_account.failed(keys_account)
-            by_address.failed(keys_address)
+            await run_in_threadpool(by_account.failed, keys_account)
+            await run_in_threadpool(by_address.failed, keys_address)
             log.info("console_login_failed", username=name, address=address(request))
             return page(request, "login.html", None, status=401, error="Wrong name or password.")
-        by_account.succeeded(keys_account)
+        await run_in_threadpool(by_account.succeeded, keys_account)
         sessions.end(request.session.get("sid"))
         request.session.clear()  # a new session on signing in
         request.session["sid"] = await run_in_threadpool(sessions.create, account.name)

@@ -15,8 +15,9 @@ from headers, believed only when the TCP peer itself is one of ``MODERATOR_CONSO
 (addresses or CIDR ranges; never an ``X-Forwarded-For``) and the header is there exactly once.
 
 **Login guard**: failed sign-ins per client address and per account name earn a doubling wait (after a
-few free tries) during which no password is even hashed; the hashing itself runs on its own small pool
-(``app.py``), so a flood of logins cannot take the threads that claims and verdicts need.
+few free tries, :func:`backoff_s`; counted in Redis, so across replicas: ``sessions.py``) during which
+no password is even hashed; the hashing itself runs on its own small pool (``app.py``), so a flood of
+logins cannot take the threads that claims and verdicts need.
 """
 
 from __future__ import annotations
@@ -223,54 +224,10 @@ def role_of_groups(groups: str, leads: Iterable[str], admins: Iterable[str]) -> 
     return "reviewer"
 
 
-# --- the login guard --------------------------------------------------------------------------------
-@dataclass
-class _Failures:
-    count: int = 0
-    until: float = 0.0  # no attempt before this
-    last: float = 0.0
-
-
-class LoginGuard:
-    """Failed sign-ins per key (``ip:<address>``, ``account:<name>``): after ``free`` failures each one
-    doubles the wait before the next attempt, from ``base_s`` up to ``max_s``; a success clears the
-    account's count. Forgotten after ``forget_s`` without failures. Pure: the clock is a parameter."""
-
-    def __init__(self, free: int = 5, base_s: float = 1.0, max_s: float = 900.0, forget_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:  # fmt: skip
-        self.free, self.base_s, self.max_s, self.forget_s = free, base_s, max_s, forget_s
-        self.clock = clock
-        self.max_keys = max_keys
-        self._failures: dict[str, _Failures] = {}
-        self._lock = threading.Lock()
-
-    def wait(self, keys: Iterable[str]) -> float:
-        """Seconds before these keys may try again (0: now)."""
-        now = self.clock()
-        with self._lock:
-            return max([f.until - now for k in keys if (f := self._failures.get(k))] + [0.0])
-
-    def failed(self, keys: Iterable[str]) -> None:
-        now = self.clock()
-        with self._lock:
-            if len(self._failures) >= self.max_keys:
-                self._forget(now)
-            for key in keys:
-                f = self._failures.setdefault(key, _Failures())
-                if now - f.last > self.forget_s:
-                    f.count = 0
-                f.count += 1
-                f.last = now
-                if f.count > self.free:
-                    f.until = now + min(self.max_s, self.base_s * 2 ** (f.count - self.free - 1))
-
-    def succeeded(self, keys: Iterable[str]) -> None:
-        with self._lock:
-            for key in keys:
-                self._failures.pop(key, None)
-
-    def _forget(self, now: float) -> None:
-        for key in [k for k, f in self._failures.items() if now - f.last > self.forget_s and f.until < now]:
-            del self._failures[key]
-        while len(self._failures) >= self.max_keys:  # still full: the oldest go
-            del self._failures[min(self._failures, key=lambda k: self._failures[k].last)]
+# --- the login guard's law (its state is in Redis: sessions.py) ---------------------------------------
+def backoff_s(failures: int, free: int, base_s: float = 1.0, max_s: float = 900.0) -> float:
+    """How long to wait after ``failures`` failed sign-ins: nothing for the first ``free``, then doubling
+    from ``base_s`` up to ``max_s``."""
+    if failures <= free:
+        return 0.0
+    return float(min(max_s, base_s * 2 ** (failures - free - 1)))

@@ -6,6 +6,10 @@ cookie), a hash of the reviewer's name and when it began, expiring after ``idle_
 and ``max_s`` after signing in whatever the use. Every replica sees the same sessions; signing out
 deletes the key, so the cookie is dead at once, everywhere; ``end_all`` ends every session of one
 reviewer (an account removed from the accounts file is ended at its next request, ``app.py``).
+
+:class:`LoginGuard` keeps the failed sign-ins there too, so a client spreading its guesses over the
+replicas gets no more of them: ``<prefix>login-failures:<key>`` counts (forgotten an hour after the
+last), ``<prefix>login-wait:<key>`` holds until when the next try waits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import secrets
 import time
 
 import redis
+
+from moderator.console.auth import backoff_s
 
 
 class Sessions:
@@ -69,3 +75,34 @@ class Sessions:
         ended = int(self.client.delete(*keys))
         self.client.delete(self._index(user))
         return ended
+
+
+class LoginGuard:
+    """Failed sign-ins per key (``ip:<address>``, ``account:<name>``), in Redis: after ``free`` failures
+    each one doubles the wait before the next try (:func:`~moderator.console.auth.backoff_s`)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, free: int, base_s: float = 1.0, max_s: float = 900.0,
+                 forget_s: float = 3600.0) -> None:  # fmt: skip
+        self.client, self.prefix = client, prefix
+        self.free, self.base_s, self.max_s, self.forget_ms = free, base_s, max_s, int(forget_s * 1000)
+
+    def wait(self, keys: list[str]) -> float:
+        """Seconds before these keys may try again (0: now)."""
+        values = self.client.mget([f"{self.prefix}login-wait:{k}" for k in keys])
+        now = time.time()
+        return max([float(v) - now for v in values if v is not None] + [0.0])
+
+    def failed(self, keys: list[str]) -> None:
+        pipe = self.client.pipeline()
+        for key in keys:
+            pipe.incr(f"{self.prefix}login-failures:{key}")
+            pipe.pexpire(f"{self.prefix}login-failures:{key}", self.forget_ms)
+        counts = pipe.execute()[0::2]
+        now = time.time()
+        for key, count in zip(keys, counts, strict=True):
+            wait = backoff_s(int(count), self.free, self.base_s, self.max_s)
+            if wait > 0:
+                self.client.set(f"{self.prefix}login-wait:{key}", f"{now + wait:.3f}", px=max(1, int(wait * 1000)))
+
+    def succeeded(self, keys: list[str]) -> None:
+        self.client.delete(*[f"{self.prefix}login-{what}:{k}" for k in keys for what in ("failures", "wait")])

@@ -367,6 +367,8 @@ def test_the_proxy_header_is_believed_only_from_a_trusted_peer_and_only_once(tea
         assert get([("X-Forwarded-User", "../admin")])[0] == 303  # not an account name
         ready = urllib.request.urlopen(f"http://127.0.0.1:{c.health.port}/readyz")
         assert ready.status == 200
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{c.health.port}/metrics").read().decode()
+        assert "moderator_console_images_revealed_total" in metrics and "reviewer=" not in metrics  # no names
     finally:
         c.stop()
 

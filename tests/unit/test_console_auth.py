@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 import pytest
 
@@ -11,8 +11,8 @@ from moderator.console.auth import (
     Accounts,
     AccountsError,
     AccountsFile,
-    LoginGuard,
     at_least,
+    backoff_s,
     hash_password,
     header_once,
     parse_networks,
@@ -82,34 +82,9 @@ def test_roles_from_proxy_groups():
     assert role_of_groups("", leads, admins) == "reviewer" and role_of_groups("t-leadsx", leads, admins) == "reviewer"
 
 
-def test_the_login_guard_waits_longer_after_each_failure_and_forgets_on_success():
-    now = [1000.0]
-    guard = LoginGuard(free=3, base_s=1.0, max_s=60.0, clock=lambda: now[0])
-    key = ["account:alice"]
-    for _ in range(3):
-        guard.failed(key)
-    assert guard.wait(key) == 0  # the free tries
-    waits = []
-    for _ in range(8):
-        guard.failed(key)
-        waits.append(guard.wait(key))
-        now[0] += waits[-1]
-    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]  # doubling, capped
-    assert guard.wait(["account:bob"]) == 0  # another account is not affected
-    guard.succeeded(key)
-    assert guard.wait(key) == 0
-    guard.failed(["ip:1"])
-    now[0] += 7200  # long quiet: the count starts over
-    for _ in range(3):
-        guard.failed(["ip:1"])
-    assert guard.wait(["ip:1"]) == 0
-
-
-def test_the_login_guard_stays_bounded_under_a_flood_of_names():
-    guard = LoginGuard(free=1, max_keys=1000, clock=time.monotonic)
-    for i in range(5000):
-        guard.failed([f"account:user{i}"])
-    assert len(guard._failures) <= 1000
+def test_the_login_backoff_doubles_after_the_free_tries_up_to_a_cap():
+    waits = [backoff_s(n, free=3, base_s=1.0, max_s=60.0) for n in range(1, 13)]
+    assert waits == [0, 0, 0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
 
 
 def test_host_names_from_host_headers():
@@ -212,3 +187,73 @@ def test_routing_first_match_wins_and_roles_decide_who_works_a_queue():
     assert Routing.build([], [RouteSpec(queue="default", appeal=True)]).queue_of(appeal) == "default"
     with pytest.raises(RoutingError, match="not in MODERATOR_CONSOLE_QUEUES"):
         Routing.build([], [RouteSpec(queue="typo")])
+
+
+def _asgi(app, path: str, host: str = "127.0.0.1:8081") -> tuple[int, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """One GET through an ASGI app, without a server: (status, headers of the response)."""
+    import asyncio
+
+    messages: list[dict] = []  # type: ignore[type-arg]
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:  # type: ignore[type-arg]
+        messages.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"host", host.encode())], "scheme": "http", "server": ("127.0.0.1", 8081),
+             "client": ("127.0.0.1", 5000), "root_path": "", "http_version": "1.1"}  # fmt: skip
+
+    async def run() -> None:
+        with contextlib.suppress(RuntimeError):  # Starlette re-raises after sending its 500
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    headers: dict[str, str] = {}
+    for k, v in start["headers"]:
+        headers.setdefault(k.decode().lower(), v.decode())
+        if k.decode().lower() == "set-cookie":
+            headers["set-cookie"] = v.decode()
+    return start["status"], headers
+
+
+def test_error_pages_get_the_security_headers_and_tls_cookies_are_host_prefixed():
+    import redis
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from moderator.console.app import WebConfig, create_app
+    from moderator.console.queue import ReviewQueue
+    from moderator.console.security import HostCheckMiddleware, SecurityHeadersMiddleware
+    from moderator.console.sessions import Sessions
+    from moderator.stack import free_port
+
+    def boom(request):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    wrapped = SecurityHeadersMiddleware(HostCheckMiddleware(Starlette(routes=[Route("/boom", boom)]), ["127.0.0.1"]))
+    status, headers = _asgi(wrapped, "/boom")
+    assert status == 500 and "default-src 'none'" in headers["content-security-policy"]  # a 500 has them too
+    assert _asgi(wrapped, "/boom", host="evil.example")[0] == 400
+
+    config = WebConfig(secret_key="k" * 32, accounts=None, trusted_user_header=None, trusted_proxies=(), https=True,
+                       allowed_origins=frozenset(), allowed_hosts=frozenset({"127.0.0.1"}), grid_size=4, lease_s=60,
+                       dev=False)  # fmt: skip
+    never = Sessions(redis.Redis(port=free_port()), "p:", 60, 60)  # never asked: nobody is signed in
+    app = create_app(config, ReviewQueue(), None, never)  # type: ignore[arg-type]
+    assert isinstance(app, SecurityHeadersMiddleware) and isinstance(app.app, HostCheckMiddleware)  # outermost
+    status, headers = _asgi(app, "/login")
+    assert status == 200 and headers["set-cookie"].startswith("__Host-moderator_console=")
+    assert "secure" in headers["set-cookie"].lower() and "path=/" in headers["set-cookie"].lower()
+    assert "domain=" not in headers["set-cookie"].lower() and "strict-transport-security" in headers
+
+
+def test_readiness_fails_when_redis_does_not_answer():
+    import redis
+
+    from moderator.console import redis_ready
+    from moderator.stack import free_port
+
+    assert not redis_ready(redis.Redis(port=free_port(), socket_connect_timeout=0.5))
