@@ -100,6 +100,13 @@ class App:
             raise clients.TopicError(f"{exc} (or set MODERATOR_BANKS_ENABLED=false to run without banks)") from None
         return store
 
+    def close(self) -> None:
+        """Close the Kafka clients this app opened as they were needed (the banks topic's reader): before
+        the broker goes away, so that none of them is left logging that it cannot reach it."""
+        store = self.__dict__.pop("bank_store", None)
+        if store is not None:
+            store.stop()
+
     # --- I/O ----------------------------------------------------------------------------------------
     @cached_property
     def fetcher(self) -> Fetcher:

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -211,18 +213,31 @@ def make_admin(bootstrap: str, api_version: str | None, timeout: float = 10.0) -
 
 
 def broker_ready(bootstrap: str, api_version: str | None, timeout: float = 5.0) -> bool:
-    """Whether the cluster at ``bootstrap`` answers a metadata request that lists a broker."""
+    """Whether the cluster at ``bootstrap`` answers a metadata request that lists a broker. Asked while
+    a broker starts: a port that does not listen yet is a plain no, and kafka-python's own error lines
+    about it are kept out of the output (it is expected, not news)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
     try:
-        admin = make_admin(bootstrap, api_version, timeout)
-    except Exception:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 1.0)).close()
+    except (OSError, ValueError):
         return False
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
     try:
-        return bool(admin.describe_cluster().get("brokers"))
-    except Exception:
-        return False
+        try:
+            admin = make_admin(bootstrap, api_version, timeout)
+        except Exception:
+            return False
+        try:
+            return bool(admin.describe_cluster().get("brokers"))
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                admin.close()
     finally:
-        with contextlib.suppress(Exception):
-            admin.close()
+        kafka_log.setLevel(level)
 
 
 def list_topics(bootstrap: str, api_version: str | None, timeout: float = 5.0) -> dict[str, int]:

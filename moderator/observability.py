@@ -59,6 +59,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _ClosingNoise(logging.Filter):
+    """kafka-python 3 logs "Metadata refresh: failed Cancelled" at error level when a client is closed
+    while a refresh is in flight: the client closing, not a failure. Those lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata refresh: failed Cancelled")
+
+
 def configure_logging(
     level: str = "INFO", fmt: str = "auto", kafka_level: str = "WARNING", path: Path | None = None
 ) -> None:
@@ -90,6 +98,9 @@ def configure_logging(
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.getLevelName(kafka_level.upper()))
+    cluster = logging.getLogger("kafka.cluster")
+    if not any(isinstance(f, _ClosingNoise) for f in cluster.filters):
+        cluster.addFilter(_ClosingNoise())
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -213,6 +213,7 @@ def run_worker_contender(
         out = run_worker(worker, events, transport, opts.images, opts.load_levels, opts.load_seconds)
     finally:
         app.policies.stop()
+        app.close()  # the banks topic's reader, if this run opened it
     if opts.feed == "kafka":
         out["broker_api_version"] = settings.kafka_api_version or "probed"
         out["partitions"] = opts.partitions

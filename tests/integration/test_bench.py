@@ -134,7 +134,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def test_bench_command_line(tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "moderator.cli", "bench", "--quick", "--arch", "tiny", "--feed", "queue",
+        [sys.executable, "-m", "moderator.cli", "bench", "--quick", "--arch", "tiny", "--feed", "kafka",
          "--contenders", "engine,worker,ceiling", "--images", "48", "--batch", "8", "--load-seconds", "1",
          "--json", str(out)],
         capture_output=True, text=True, timeout=300, env=_env(tmp_path),
@@ -145,6 +145,10 @@ def test_bench_command_line(tmp_path):
     assert report["wall_s"] > 0 and not report["sweeps"]  # --quick: no sweeps
     _check_contender_rates(report)
     assert "worker" in done.stdout and "ceiling" in done.stdout and str(out) in done.stdout
+    # a person reads tables and progress, never log lines: none while the local stack starts, none after
+    # it stops (every Kafka client is closed first)
+    logged = [line for line in (done.stdout + done.stderr).splitlines() if line.lstrip().startswith("{")]
+    assert not logged, logged[:5]
 
     bad = subprocess.run([sys.executable, "-m", "moderator.cli", "bench", "--sizes", "640"],
                          capture_output=True, text=True, timeout=120, env=_env(tmp_path))  # fmt: skip
