@@ -43,6 +43,9 @@ return 1
 """
 
 
+RESERVE_MS = 35_000  # a verdict's publish waits 30 s at most for the broker
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -137,8 +140,10 @@ class Leases:
         return bool(self.client.exists(f"{self.prefix}revealed:{handle}:{reviewer}"))
 
     def reserve_revision(self, key: str, revision: int, reviewer: str) -> bool:
-        """Whether ``reviewer`` may publish revision ``revision`` of verdict ``key`` (the first to ask)."""
-        return bool(self.client.set(f"{self.prefix}revision:{key}:{revision}", reviewer, nx=True, px=600_000))
+        """Whether ``reviewer`` may publish revision ``revision`` of verdict ``key`` (the first to ask). The
+        reservation outlives a publish (30 s at most) and no more: a replica that dies holding one does
+        not keep the item from being judged for longer."""
+        return bool(self.client.set(f"{self.prefix}revision:{key}:{revision}", reviewer, nx=True, px=RESERVE_MS))
 
     def release_revision(self, key: str, revision: int, reviewer: str) -> None:
         self._delete(keys=[f"{self.prefix}revision:{key}:{revision}"], args=[reviewer])
