@@ -148,26 +148,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from moderator.calibrate import CalibrateError, Options, run_calibrate, summary_rows
 
-    def when(text: str | None, flag: str) -> datetime | None:
-        if text is None:
-            return None
-        try:
-            t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise CalibrateError(f"{flag} {text!r}: expected an ISO 8601 time, e.g. 2026-12-01T00:00:00Z") from None
-        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
         opts = Options(
             policy=args.policy, policy_file=Path(args.policy_file) if args.policy_file else None,
             target_precision=args.target_precision, target_recall=args.target_recall, min_samples=args.min_samples,
             confidence=args.confidence, joint=args.joint, max_review_share=args.max_review_share,
-            since=when(args.since, "--since"), until=when(args.until, "--until"),
-            holdout_after=when(args.holdout_after, "--holdout-after"), include_appeals=args.include_appeals,
+            since=_iso_time(args.since, "--since"), until=_iso_time(args.until, "--until"),
+            holdout_after=_iso_time(args.holdout_after, "--holdout-after"), include_appeals=args.include_appeals,
             out=Path(args.out) if args.out else Path("calibration") / f"{args.policy}-{stamp}",
         )  # fmt: skip
-    except CalibrateError as exc:
+    except (CalibrateError, ConfigError) as exc:
         print(f"moderator calibrate: {exc}", file=sys.stderr)
         return 2
     try:

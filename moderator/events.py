@@ -446,6 +446,14 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def epoch_of(iso: str) -> float | None:
+    """The POSIX time of an ISO 8601 stamp as records carry them (``...Z``); None when it is not one."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 class PublishedPolicy(_Record):
     """What the policies topic carries: one validated policy version, as published.
 

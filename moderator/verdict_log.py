@@ -17,7 +17,7 @@ from typing import Any
 
 from moderator.app import App
 from moderator.clients import read_to_end
-from moderator.events import Verdict
+from moderator.events import Verdict, epoch_of
 
 COLUMNS = (
     "reviewed_at", "event_id", "image_sha256", "revision", "verdict", "categories", "reviewer", "role",
@@ -44,7 +44,8 @@ def read_all(app: App) -> list[Verdict]:
 
 
 def _at(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    at = epoch_of(iso)
+    return at if at is not None else float("-inf")
 
 
 def select(verdicts: Iterable[Verdict], since: datetime | None = None, until: datetime | None = None,

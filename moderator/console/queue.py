@@ -36,7 +36,7 @@ class Queued:
     arrived: float = field(default_factory=time.time)
     set_aside: str | None = None  # why it is not handed out (its image changed since it was scored)
     queue: str = "default"  # the named queue its route chose (routing.py)
-    handle: str = ""  # the item's handle, hashed once (the queue asks for it for every item it scans)
+    handle: str = field(init=False)  # the item's handle, hashed once (asked for every item scanned)
 
     def __post_init__(self) -> None:
         self.handle = self.item.handle  # a merged record of the item has the same one

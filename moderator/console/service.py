@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 from moderator import observability as obs
 from moderator.console.auth import USERNAME_RE, Role, at_least
@@ -23,7 +22,16 @@ from moderator.console.images import ImageChanged, ReviewImages
 from moderator.console.leases import Leases
 from moderator.console.queue import Queued, ReviewQueue
 from moderator.console.routing import Routing
-from moderator.events import FINAL_VERDICTS, AppealDecision, Decision, Verdict, VerdictKind, item_handle, utc_now
+from moderator.events import (
+    FINAL_VERDICTS,
+    AppealDecision,
+    Decision,
+    Verdict,
+    VerdictKind,
+    epoch_of,
+    item_handle,
+    utc_now,
+)
 
 log = obs.get_logger(__name__)
 
@@ -119,7 +127,6 @@ class ReviewService:
             if q.handle not in exclude and self._skipped.get((who.name, q.handle), 0) < now
             and (not escalated or self._assigned_ok(q.handle, who))
         ][: self.scan_limit]  # fmt: skip
-        stages = {q.handle: self.queue.stage(q.handle) for q in candidates}
         held = self.leases.holders([q.handle for q in candidates])
         for q in candidates:
             if len(got) >= count:
@@ -127,9 +134,10 @@ class ReviewService:
             holder = held.get(q.handle)
             if holder is not None and holder != who.name:
                 continue
-            if not self.leases.claim(q.handle, who.name):  # atomic: another replica may have won it
+            before = self.queue.stage(q.handle)
+            if before is None or not self.leases.claim(q.handle, who.name):  # atomic: another may have won it
                 continue
-            if stages[q.handle] is None or self.queue.stage(q.handle) != stages[q.handle] or self._behind(q.handle):
+            if self.queue.stage(q.handle) != before or self._behind(q.handle):
                 self.leases.release(q.handle, who.name)  # judged meanwhile, here or on another replica
                 continue
             aside = self.leases.aside(q.handle)
@@ -375,7 +383,5 @@ class ReviewService:
 
 
 def _seconds_since(iso: str) -> float | None:
-    try:
-        return max(0.0, time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return None
+    at = epoch_of(iso)
+    return max(0.0, time.time() - at) if at is not None else None

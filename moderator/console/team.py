@@ -14,14 +14,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from moderator.events import Verdict
-
-
-def _epoch(iso: str) -> float | None:
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+from moderator.events import Verdict, epoch_of
 
 
 @dataclass(frozen=True)
@@ -70,7 +63,7 @@ def team_stats(
     Verdicts older than ``days`` are left out; the decision-to-verdict times are of first verdicts."""
     stages = []
     for stage in ("new", "second", "escalated", "set_aside"):
-        ages = [now - t for s, at in waiting if s == stage and (t := _epoch(at)) is not None]
+        ages = [now - t for s, at in waiting if s == stage and (t := epoch_of(at)) is not None]
         stages.append(StageRow(stage, sum(1 for s, _ in waiting if s == stage), max(ages) if ages else None,
                                float(np.median(ages)) if ages else None))  # fmt: skip
     since = now - days * 86_400
@@ -78,7 +71,7 @@ def team_stats(
     latest: dict[str, Verdict] = {}
     to_verdict: list[float] = []
     for v in verdicts:
-        at = _epoch(v.reviewed_at)
+        at = epoch_of(v.reviewed_at)
         if at is None or at < since:
             continue
         day = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d")
@@ -86,7 +79,7 @@ def team_stats(
         known = latest.get(v.key)
         if known is None or v.revision >= known.revision:
             latest[v.key] = v
-        decided = _epoch(v.decided_at)
+        decided = epoch_of(v.decided_at)
         if v.revision == 1 and not v.second_opinion and decided is not None:
             to_verdict.append(max(0.0, at - decided))
     reviewer_days = [

@@ -104,6 +104,24 @@ def produce(settings: Settings, items: Iterable[tuple[str, bytes]], topic: str |
     return n
 
 
+def review_items_scored(settings: Settings, items: list[tuple[str, bytes]], log: Path, timeout: float = 120) -> None:
+    """Run the real worker over ``items`` (event id, event) until each has its review record; stop it."""
+    worker = WorkerProcess(settings, log)
+    out = Outputs(settings, kinds=("review",))
+    try:
+        worker.wait_for("partitions_assigned")
+        produce(settings, items)
+        wanted = {event_id for event_id, _ in items}
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(out.ids("review")) and time.monotonic() < deadline:
+            out.poll()
+        assert set(out.ids("review")) == wanted, worker.tail()
+    finally:
+        out.close()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.tail()
+
+
 class Outputs:
     """Reads the decisions, review and dead-letter topics from the beginning, incrementally."""
 

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 import urllib.error
@@ -35,7 +34,7 @@ from moderator.console.service import Person
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.topics import TOPICS, NewTopic
 
-from .harness import Outputs, WorkerProcess, inline_event, produce, wait_until
+from .harness import inline_event, review_items_scored, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MODERATOR_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
@@ -101,23 +100,11 @@ def reviewed(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory, imag
         policy_dir=policies, max_batch_size=16, fetch_allow_networks=("127.0.0.0/8",), http_port=0,
         console_accounts_file=accounts, console_port=0, **names,
     )  # fmt: skip
-    worker = WorkerProcess(settings, tmp / "worker.log")
-    out = Outputs(settings, kinds=("review",))
-    try:
-        worker.wait_for("partitions_assigned")
-        items = [(f"c-{i:03d}", inline_event(f"c-{i:03d}", jpeg_bytes(photo_like(64, 48, seed=500 + i))))
-                 for i in range(39)]  # fmt: skip
-        url = f"http://{image_host.netloc}/u.jpg"
-        items.append(("c-url", json.dumps({"id": "c-url", "image": {"url": url}}).encode()))
-        produce(settings, items)
-        deadline = time.monotonic() + 120
-        while len(set(out.ids("review"))) < 40 and time.monotonic() < deadline:
-            out.poll()
-        assert len(set(out.ids("review"))) == 40, worker.tail()
-    finally:
-        out.close()
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(60) == 0, worker.tail()
+    items = [(f"c-{i:03d}", inline_event(f"c-{i:03d}", jpeg_bytes(photo_like(64, 48, seed=500 + i))))
+             for i in range(39)]  # fmt: skip
+    url = f"http://{image_host.netloc}/u.jpg"
+    items.append(("c-url", json.dumps({"id": "c-url", "image": {"url": url}}).encode()))
+    review_items_scored(settings, items, tmp / "worker.log")  # 40 review items
     return settings
 
 

@@ -13,7 +13,6 @@ import io
 import json
 import re
 import shutil
-import signal
 import threading
 import time
 import urllib.error
@@ -39,7 +38,7 @@ from moderator.replay import read_verdicts
 from moderator.samples import jpeg_bytes, photo_like
 from moderator.topics import TOPICS, NewTopic
 
-from .harness import Outputs, WorkerProcess, inline_event, produce, wait_until
+from .harness import inline_event, produce, review_items_scored, wait_until
 from .test_console import ARTIFACTS, ROOT, _metric, _NoRedirect, _verdicts, browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
@@ -69,21 +68,10 @@ def team(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory) -> Setti
         policy_dir=policies, max_batch_size=16, http_port=0, console_accounts_file=accounts, console_port=0,
         console_banks=("known",), **names,
     )  # fmt: skip
-    worker = WorkerProcess(settings, tmp / "worker.log")
-    out = Outputs(settings, kinds=("review",))
     ids = ODD_IDS + [f"t-{i:02d}" for i in range(9)]
-    try:
-        worker.wait_for("partitions_assigned")
-        images = [jpeg_bytes(photo_like(64, 48, seed=900 + n)) for n in range(len(ids))]
-        produce(settings, [(i, inline_event(i, image)) for i, image in zip(ids, images, strict=True)])
-        deadline = time.monotonic() + 120
-        while len(set(out.ids("review"))) < len(ids) and time.monotonic() < deadline:
-            out.poll()
-        assert set(out.ids("review")) == set(ids), worker.tail()
-    finally:
-        out.close()
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(60) == 0, worker.tail()
+    images = [jpeg_bytes(photo_like(64, 48, seed=900 + n)) for n in range(len(ids))]
+    review_items_scored(settings, [(i, inline_event(i, image)) for i, image in zip(ids, images, strict=True)],
+                        tmp / "worker.log")  # fmt: skip
     return settings
 
 
