@@ -47,7 +47,7 @@ from moderator.calibration import (
 from moderator.events import FINAL_VERDICTS, Verdict
 from moderator.policy import CompiledPolicy, PolicySpec, explanations, load_spec, parse_spec, policy_files
 from moderator.policy.rewrite import set_thresholds
-from moderator.replay import read_log, read_verdicts, run_replay
+from moderator.replay import logged_scores, read_log, read_verdicts, run_replay
 
 HINT_ITEMS = 200  # overturned items per category looked at for hints
 DECIMALS = 4  # thresholds are proposed on this grid (what a policy file shows)
@@ -171,8 +171,7 @@ def read_window(app: App, policy: CompiledPolicy, opts: Options) -> Window:
         if logged.live[i]["policy"]["version"] == version:
             matrix[k] = [logged.live[i]["scores"].get(c, np.nan) for c in policy.categories]
     if stale:
-        vectors = torch.from_numpy(logged.vectors[[rows[k] for k in stale]])
-        matrix[stale] = policy.scores(vectors.to(policy.matrix.device))
+        matrix[stale] = logged_scores(policy, logged, [rows[k] for k in stale])
     current: list[Verdict | None] = []
     seconds: list[Verdict | None] = []
     for k, (eid, sha) in enumerate(zip(ids, shas, strict=True)):

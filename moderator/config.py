@@ -6,6 +6,7 @@ A bad value stops start-up with :class:`ConfigError`, whose message names the va
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ from moderator.topics import spec as topic_spec
 
 ENV_PREFIX = "MODERATOR_"
 
-ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MP4", "WEBM"]  # MP4, WEBM: videos (opt-in)
 
 
 class ConfigError(Exception):
@@ -131,6 +132,17 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     image_max_pixels: int = Field(40_000_000, ge=1)  # Pillow's own bomb threshold is ~89.5M
     image_jpeg_draft: bool = False  # JPEG DCT-domain downscale for images much larger than the input
+    # Animations (GIF, WebP, APNG) and videos (formats MP4/WEBM, the `video` extra): decided on up to this
+    # many sampled frames (first, last, evenly spaced by display time), each category at its maximum
+    # over them. 1: the first frame only. More frames than frames_max, or frames x pixels above
+    # frames_max_pixels, are refused (too_many_frames, image_too_large), never truncated.
+    frames_sampled: int = Field(8, ge=1, le=64)
+    frames_max: int = Field(1_000, ge=1)
+    frames_max_pixels: int = Field(400_000_000, ge=1)
+    video_max_seconds: float = Field(120.0, gt=0.0)
+    # A video matches a bank entry when at least this many of its sampled keyframes do (vPDQ's rule for
+    # an entry that is one image); an animation matches when any sampled frame does.
+    video_bank_min_frames: int = Field(1, ge=1, le=64)
     decode_threads: int = Field(2, ge=1, le=256)  # concurrent decodes (fetches have their own threads)
     # When images are decoded: "overlap" ahead of the model, beside it; "before_forward" when their
     # batch runs, on every core, then the model on every core; "auto": before_forward on the CPU
@@ -264,6 +276,14 @@ class Settings(BaseSettings):
     def _sasl(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("MODERATOR_KAFKA_SASL_MECHANISM is required with a SASL security protocol")
+        return self
+
+    @model_validator(mode="after")
+    def _video(self) -> Settings:
+        videos = [f for f in self.image_formats if f in ("MP4", "WEBM")]
+        if videos and importlib.util.find_spec("av") is None:
+            raise ValueError(f"MODERATOR_IMAGE_FORMATS names {', '.join(videos)}: videos need PyAV, the `video` extra "
+                             "(pip install 'moderator[video]'), or leave those formats out")  # fmt: skip
         return self
 
     # --- derived --------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class Trigger(_Record):
     severity: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     match: BankMatch | None = Field(None, description="rule bank: the bank entry the image matched")
+    frame: int | None = Field(
+        None, description="an animation or video: the sampled frame whose score (or bank match) fired the rule"
+    )
 
     @property
     def action(self) -> Outcome:
@@ -77,6 +80,24 @@ class Trigger(_Record):
         if self.match is not None:
             return self.match.action
         return "flag" if self.rule == "flag" else "review"
+
+
+class FrameScores(_Record):
+    index: int = Field(description="0-based frame number in the file (a video: in display order)")
+    timestamp_ms: float = Field(description="when the frame starts to show")
+    scores: dict[str, float] = Field(description="this frame's category scores")
+
+
+class Frames(_Record):
+    """An animation or a video, decided on sampled frames: each category's score is its maximum over
+    them (``Decision.scores``), a bank entry matches when a frame does (a video: enough frames)."""
+
+    kind: Literal["animation", "video"]
+    count: int = Field(description="frames in the file (a video: its keyframes, which are what is sampled)")
+    duration_ms: float
+    sampled: list[FrameScores] = Field(description="the sampled frames, in display order, with their scores")
+    frame: int = Field(description="the frame that drove the decision: the strongest rule's, else the highest score's")
+    timestamp_ms: float = Field(description="when that frame starts to show")
 
 
 class Decision(_Record):
@@ -88,6 +109,7 @@ class Decision(_Record):
     policy: PolicyRef
     model: str = Field(description="model fingerprint: checkpoint id and revision, or a hash of the weights")
     image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
+    frames: Frames | None = Field(None, description="an animation or a video: its sampled frames (None: a still)")
 
 
 # ==================================================================================================
@@ -285,6 +307,8 @@ class ReviewItem(_Record):
     policy: PolicyRef
     model: str
     image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
+    frames: Frames | None = Field(None, description="an animation or a video: its sampled frames (the console's "
+                                  "contact sheet)")  # fmt: skip
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: Source
     decided_at: str
@@ -376,11 +400,18 @@ class EmbeddingRecord(_Record):
     image_precision: ImagePrecision = Field("float32", description=IMAGE_PRECISION_DOC)
     dtype: EmbeddingDtype
     dim: int = Field(ge=1)
-    vector: str = Field(description="dim little-endian values of dtype, base64")
+    vector: str = Field(description="dim little-endian values of dtype, base64 (an animation or video: the frame "
+                        "that drove the live decision)")  # fmt: skip
+    frame_vectors: str | None = Field(
+        None, description="an animation or video: every sampled frame's embedding (live.frames.sampled order), "
+        "concatenated as in vector",
+    )  # fmt: skip
     source: Source
     live: Decision = Field(description="the live decision: outcome, scores, rules that fired, policy name + version")
     decided_at: str
-    pdq: str | None = Field(None, description="the image's PDQ hash, 64 hex characters (when the worker hashes)")
+    pdq: str | None = Field(
+        None, description="the image's PDQ hash, 64 hex characters (when the worker hashes; of the driving frame)"
+    )
     pdq_quality: int | None = None
     image: ImageRef | None = Field(None, description="where the image is (for a retroactive review item)")
     review_probability: float | None = Field(None, ge=0.0, le=1.0, description=REVIEW_PROBABILITY_DOC)
@@ -413,6 +444,14 @@ def decode_vectors(vectors: list[str], dtype: str, dim: int) -> np.ndarray:
     if values.size != len(vectors) * dim:
         raise ValueError(f"expected {len(vectors)} vectors of {dim} {dtype} values, got {values.size} values")
     return values.reshape(len(vectors), dim).astype(np.float32)
+
+
+def decode_frame_vectors(text: str, dtype: str, dim: int) -> np.ndarray:
+    """An :class:`EmbeddingRecord` ``frame_vectors`` field as float32 ``[F, dim]``."""
+    values = np.frombuffer(base64.b64decode(text), dtype="<f2" if dtype == "float16" else "<f4")
+    if not values.size or values.size % dim:
+        raise ValueError(f"frame_vectors of {values.size} values is not a whole number of {dim}-vectors")
+    return values.reshape(-1, dim).astype(np.float32)
 
 
 class DeadLetter(_Record):

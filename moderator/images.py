@@ -4,12 +4,20 @@ The output of :func:`load_image` is a ``uint8`` array ``[H, W, 3]`` at the check
 Rescaling and normalization happen later, on the device, on the whole batch (see ``clip.py``).
 
 Fidelity: decoding follows ``transformers.image_utils.load_image`` (EXIF orientation applied, then
-``convert("RGB")``: alpha is dropped, palette/CMYK/LA/L become RGB, an animated image gives its first
-frame), and resizing follows the checkpoint's image processor (shortest edge, Pillow resampling,
+``convert("RGB")``: alpha is dropped, palette/CMYK/LA/L become RGB), and resizing follows the
+checkpoint's image processor (shortest edge, Pillow resampling,
 center crop with the same offsets and zero padding; a transparent colour key is composited onto
 white, as the processor's ``convert_to_rgb`` does). One deliberate difference: 16-bit greyscale is
 scaled to 8 bits (``>> 8``). Pillow's own ``convert("RGB")`` clips it at 255, which turns almost
 every 16-bit image white, and a moderation service must not be blind to a class of inputs.
+
+An animated image (GIF, WebP, APNG) and, where allowed, a video (``moderator/video.py``) give up to
+``frames_sampled`` frames (:func:`load_frames`; which ones: ``moderator/frames.py``), each through the
+same path as a still; the first frame is exactly what a still's decoding gives. Before any pixel is
+decoded, the frame count (``max_frames``) and the pixels of every frame together
+(``max_animation_pixels``: a GIF's frames are composited in order, so sampling the last decodes all)
+are checked; each sampled frame is resized, cropped and hashed as soon as it is decoded, so at most
+one full-size frame is held at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +36,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from moderator.banks.pdq import PdqHash, hash_image
 from moderator.config import Settings
 from moderator.errors import ReasonError
+from moderator.frames import (
+    BROWSER_DEFAULT_DELAY_MS,
+    FrameSet,
+    SampledFrame,
+    frame_durations,
+    sample_frames,
+    timestamps,
+)
 from moderator.observability import IMAGE_ERRORS, STAGE_SECONDS, get_logger
 
 log = get_logger(__name__)
@@ -59,6 +75,10 @@ class CorruptImage(ImageError):
     reason = "corrupt_image"
 
 
+class TooManyFrames(ImageError):
+    reason = "too_many_frames"
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
@@ -67,12 +87,17 @@ class ImageLimits:
     # JPEG DCT-domain downscaling while decoding (Pillow's draft mode) for images at least twice
     # the resize target: much faster for large photos, slightly different pixels (see README).
     jpeg_draft: bool = False
+    frames_sampled: int = 8  # of an animation or video; 1: its first frame only
+    max_frames: int = 1_000  # in one animation (video: keyframes); more: refused (too_many_frames)
+    max_animation_pixels: int = 400_000_000  # frames x width x height of an animation
+    video_max_seconds: float = 120.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
         return cls(
-            settings.image_max_bytes, settings.image_max_pixels, settings.image_formats, settings.image_jpeg_draft
-        )
+            settings.image_max_bytes, settings.image_max_pixels, settings.image_formats, settings.image_jpeg_draft,
+            settings.frames_sampled, settings.frames_max, settings.frames_max_pixels, settings.video_max_seconds,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,7 +166,12 @@ class PreprocessSpec:
 
 
 def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None) -> Image.Image:
-    """Bytes to one RGB frame, or a typed :class:`ImageError`. Checks sizes before decoding pixels."""
+    """Bytes to one RGB frame (an animation's first), or a typed :class:`ImageError`. Checks sizes
+    before decoding pixels."""
+    return _first_frame(_open(data, limits), data, limits, spec)
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{len(data)} bytes exceeds the limit of {limits.max_bytes}")
     if not data:
@@ -161,6 +191,11 @@ def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None)
         raise CorruptImage(f"invalid dimensions {width}x{height}")
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}")
+    return img
+
+
+def _first_frame(img: Image.Image, data: bytes, limits: ImageLimits, spec: PreprocessSpec | None) -> Image.Image:
+    width, height = img.size
     try:
         if limits.jpeg_draft and img.format == "JPEG" and spec is not None:
             tw, th = spec.resize_target(width, height)
@@ -171,6 +206,55 @@ def decode(data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None)
         raise ImageTooLarge(str(exc)) from None
     except Exception as exc:
         raise _decode_error(exc, data, "cannot decode image") from None
+
+
+Frames = Iterator[tuple[SampledFrame, Image.Image]]
+
+
+def open_frames(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec | None = None, pick: Sequence[int] | None = None
+) -> tuple[FrameSet | None, Frames]:
+    """What will be sampled (None: a still), and the sampled frames, decoded one by one as RGB.
+
+    Limits are checked before the first frame decodes; a frame that fails to decode raises its typed
+    error from the iterator. A still gives its one frame (:func:`decode`). ``pick``: these frame
+    indices (those the file has) instead of a sample (the console shows a decision's frames)."""
+    from moderator import video  # PyAV is imported only where a video is allowed and arrives
+
+    if data and video.sniff(data) is not None:
+        return video.open_video(data, limits, pick)
+    img = _open(data, limits)
+    if limits.frames_sampled <= 1 or not getattr(img, "is_animated", False):
+        return None, iter([(SampledFrame(0, 0.0), _first_frame(img, data, limits, spec))])
+    try:
+        count = int(getattr(img, "n_frames", 1))
+    except Exception as exc:
+        raise _decode_error(exc, data, "cannot count the frames") from None
+    if count > limits.max_frames:
+        raise TooManyFrames(f"{count} frames exceeds the limit of {limits.max_frames}")
+    width, height = img.size
+    if count * width * height > limits.max_animation_pixels:
+        raise ImageTooLarge(f"{count} frames of {width}x{height} = {count * width * height} pixels exceeds the "
+                            f"animation limit of {limits.max_animation_pixels}")  # fmt: skip
+    durations = frame_durations(data, str(img.format))
+    if durations is None or len(durations) != count:  # the file does not say: evenly spaced
+        durations = [BROWSER_DEFAULT_DELAY_MS] * count
+    starts = timestamps(durations)
+    picked = sample_frames(durations, limits.frames_sampled) if pick is None else sorted({i for i in pick if i < count})
+    frames = FrameSet("animation", count, round(sum(durations), 3),
+                      tuple(SampledFrame(i, round(starts[i], 3)) for i in picked))  # fmt: skip
+
+    def decoded() -> Frames:
+        for frame in frames.sampled:
+            try:
+                img.seek(frame.index)
+                yield frame, _to_rgb(ImageOps.exif_transpose(img))
+            except Image.DecompressionBombError as exc:
+                raise ImageTooLarge(str(exc)) from None
+            except Exception as exc:
+                raise _decode_error(exc, data, f"cannot decode frame {frame.index}") from None
+
+    return frames, decoded()
 
 
 # End-of-image markers: a file that fails to decode and lacks its trailer was cut short.
@@ -233,17 +317,67 @@ def load_image(
     return _load(data, limits, spec, timings, with_pdq=False)[0]
 
 
-def load_image_hashed(
-    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None = None
-) -> tuple[np.ndarray, PdqHash | None]:
-    """:func:`load_image`, and the PDQ hashes of the decoded image (stage and timing ``pdq``); None
-    if the hasher fails on an image that decoded (logged: the image is still decided)."""
-    return _load(data, limits, spec, timings, with_pdq=True)
+@dataclass(frozen=True)
+class Loaded:
+    """One input as model input: its frames' pixels, their PDQ hashes, and what was sampled."""
+
+    pixels: np.ndarray  # uint8 [F, H, W, 3]: one row of the batch per frame (a still: F = 1)
+    pdqs: tuple[PdqHash | None, ...]  # per frame (None: not hashed, or the hasher failed)
+    frames: FrameSet | None  # an animation or a video: the sampled frames; None: a still
+
+
+def load_frames(
+    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None = None,
+    with_pdq: bool = True,
+) -> Loaded:  # fmt: skip
+    """Bytes to model input, every sampled frame (a still: its one frame, as :func:`load_image`);
+    raises :class:`ImageError` (and counts it). Seconds go to ``moderator_stage_seconds`` (``decode``,
+    ``preprocess``, ``pdq``: summed over frames) and into ``timings``."""
+    seconds = {"decode": 0.0, "preprocess": 0.0, "pdq": 0.0}
+    rows: list[np.ndarray] = []
+    pdqs: list[PdqHash | None] = []
+    sampled: list[SampledFrame] = []
+    try:
+        t0 = time.perf_counter()
+        frames, decoded = open_frames(data, limits, spec)
+        for frame, img in decoded:
+            sampled.append(frame)
+            t1 = time.perf_counter()
+            seconds["decode"] += t1 - t0
+            rows.append(preprocess(img, spec))
+            t2 = time.perf_counter()
+            seconds["preprocess"] += t2 - t1
+            pdqs.append(_pdq(img) if with_pdq else None)
+            del img  # at most one full-size frame at a time
+            t0 = time.perf_counter()
+            seconds["pdq"] += t0 - t2
+    except ImageError as exc:
+        IMAGE_ERRORS.labels(reason=exc.reason).inc()
+        raise
+    if frames is not None and len(sampled) < len(frames.sampled):  # a video's keyframe that did not decode
+        frames = FrameSet(frames.kind, frames.count, frames.duration_ms, tuple(sampled))
+    if not rows:
+        IMAGE_ERRORS.labels(reason="corrupt_image").inc()
+        raise CorruptImage("no frame could be decoded")
+    for stage, value in seconds.items():
+        if with_pdq or stage != "pdq":
+            STAGE_SECONDS.labels(stage=stage).observe(value)
+    if timings is not None:
+        timings.update(seconds)
+    return Loaded(np.stack(rows), tuple(pdqs), frames)
+
+
+def _pdq(img: Image.Image) -> PdqHash | None:
+    try:
+        return hash_image(img)
+    except Exception as exc:
+        log.warning("pdq_failed", error=f"{type(exc).__name__}: {exc}", size=img.size)
+        return None
 
 
 def _load(
     data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None, with_pdq: bool
-) -> tuple[np.ndarray, PdqHash | None]:
+) -> tuple[np.ndarray, PdqHash | None]:  # a still's path (the first frame of anything else)
     try:
         t0 = time.perf_counter()
         img = decode(data, limits, spec)
@@ -253,12 +387,7 @@ def _load(
     except ImageError as exc:
         IMAGE_ERRORS.labels(reason=exc.reason).inc()
         raise
-    pdq = None
-    if with_pdq:
-        try:
-            pdq = hash_image(img)
-        except Exception as exc:
-            log.warning("pdq_failed", error=f"{type(exc).__name__}: {exc}", size=img.size)
+    pdq = _pdq(img) if with_pdq else None
     t3 = time.perf_counter()
     STAGE_SECONDS.labels(stage="decode").observe(t1 - t0)
     STAGE_SECONDS.labels(stage="preprocess").observe(t2 - t1)

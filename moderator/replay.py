@@ -35,7 +35,8 @@ from moderator.app import App
 from moderator.banks.pdq import MIN_QUALITY
 from moderator.clients import TopicError, read_to_end
 from moderator.comparison import Comparison, Side, compare, merge, unstable_within, verdict_metrics
-from moderator.events import FINAL_VERDICTS, Verdict, decode_vectors
+from moderator.events import FINAL_VERDICTS, Verdict, decode_frame_vectors, decode_vectors
+from moderator.frames import frame_maxima
 from moderator.observability import get_logger
 from moderator.policy import CompiledPolicy, load_spec, policy_files
 
@@ -58,6 +59,7 @@ class LoggedEvents:
     review_probability: list[float | None]  # by the policy's design (None: written before it was recorded)
     sampled: list[bool]  # went to review as an audit sample
     values: list[bytes]  # the records as read, with keep_values (``bank scan`` re-reads the ones it reports)
+    frame_vectors: dict[int, np.ndarray]  # row -> float32 [F, D]: an animation's or video's sampled frames
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
     skipped_other_precision: int
@@ -98,6 +100,7 @@ def read_log(
     probability: list[float | None] = []
     sampled: list[bool] = []
     values: list[bytes] = []
+    frame_texts: dict[int, tuple[str, str]] = {}
     skipped = skipped_precision = 0
     for value in latest.values():
         r = json.loads(value)
@@ -117,6 +120,8 @@ def read_log(
         sha.append((r.get("image") or {}).get("sha256") or None)
         probability.append(r.get("review_probability"))
         sampled.append(bool(r.get("sampled")))
+        if r.get("frame_vectors"):
+            frame_texts[len(ids) - 1] = (r["frame_vectors"], r["dtype"])
         if keep_values:
             values.append(value)
     t2 = time.perf_counter()
@@ -131,10 +136,24 @@ def read_log(
         out = np.zeros((len(ids), dim), dtype=np.float32)
         for key, texts in vectors.items():
             out[rows[key]] = decode_vectors(texts, key[0], dim)
+    frames = {row: decode_frame_vectors(text, kind, dim) for row, (text, kind) in frame_texts.items()}
     dtype = "float16" if any(k[0] == "float16" for k in vectors) else "float32"
     seconds = {"read": t1 - t0, "parse": t2 - t1, "decode": time.perf_counter() - t2}
-    return LoggedEvents(ids, out, live, dtype, pdq, decided_at, sha, probability, sampled, values, read, skipped,
-                        skipped_precision, {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
+    return LoggedEvents(ids, out, live, dtype, pdq, decided_at, sha, probability, sampled, values, frames, read,
+                        skipped, skipped_precision, {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
+
+
+def logged_scores(policy: CompiledPolicy, logged: LoggedEvents, rows: Sequence[int]) -> np.ndarray:
+    """``[len(rows), C]`` category scores of logged events under ``policy``, as the worker scores them:
+    an animation's or a video's are each category's maximum over its logged frames."""
+    device = policy.matrix.device
+    scores = policy.scores(torch.from_numpy(np.ascontiguousarray(logged.vectors[list(rows)])).to(device))
+    multi = [(k, logged.frame_vectors[i]) for k, i in enumerate(rows) if i in logged.frame_vectors]
+    if multi:
+        stacked = torch.from_numpy(np.concatenate([v for _, v in multi])).to(device)
+        maxima, _ = frame_maxima(policy.scores(stacked), [len(v) for _, v in multi])
+        scores[[k for k, _ in multi]] = maxima
+    return scores
 
 
 @dataclass
@@ -205,9 +224,11 @@ def stored_side(decisions: Sequence[dict[str, Any]], categories: tuple[str, ...]
     return Side(codes, categories, reached_flag, reached_review)
 
 
-def policy_side(policy: CompiledPolicy, vectors: np.ndarray, tolerance: float) -> tuple[Side, np.ndarray]:
+def policy_side(
+    policy: CompiledPolicy, logged: LoggedEvents, rows: Sequence[int], tolerance: float
+) -> tuple[Side, np.ndarray]:
     """A policy's decisions on stored embeddings, and which of them a score error of ``tolerance`` could flip."""
-    scores = policy.scores(torch.from_numpy(vectors).to(policy.matrix.device))
+    scores = logged_scores(policy, logged, rows)
     side = Side.from_scores(scores, tuple(policy.categories), policy.flag, policy.review)
     return side, unstable_within(scores, policy.flag, policy.review, tolerance)
 
@@ -261,10 +282,9 @@ def run_replay(
         if name not in candidate or (baseline is not None and name not in baseline):
             skipped_other_policy += len(rows)
             continue
-        vectors = logged.vectors[rows]
-        cand, unstable = policy_side(candidate[name], vectors, tol)
+        cand, unstable = policy_side(candidate[name], logged, rows.tolist(), tol)
         if baseline is not None:
-            base, base_unstable = policy_side(baseline[name], vectors, tol)
+            base, base_unstable = policy_side(baseline[name], logged, rows.tolist(), tol)
             unstable = unstable | base_unstable
         else:
             categories = tuple(dict.fromkeys(c for i in rows for c in logged.live[i]["scores"]))

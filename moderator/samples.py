@@ -105,3 +105,29 @@ def varied_images(seed: int = 0) -> dict[str, bytes]:
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
     out["animated.gif"] = buf.getvalue()
     return out
+
+
+def animation_bytes(frames: list[np.ndarray], fmt: str = "GIF", duration_ms: int | list[int] = 100) -> bytes:
+    """An animated GIF, WEBP or PNG (APNG) of these frames (every frame kept: no two are merged)."""
+    images = [Image.fromarray(f) for f in frames]
+    return _save(images[0], fmt, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
+def video_bytes(frames: list[np.ndarray], fmt: str = "mp4", fps: int = 2, keyframe_every: int = 1) -> bytes:
+    """A short video of these frames (MP4: MPEG-4 part 2; WEBM: VP8), a keyframe every ``keyframe_every``
+    frames. Needs PyAV (the ``video`` extra)."""
+    import av
+
+    height, width = frames[0].shape[:2]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream("mpeg4" if fmt == "mp4" else "libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = keyframe_every
+        stream.codec_context.options = {"sc_threshold": "0"} if fmt == "mp4" else {}  # keyframes only by gop
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -11,8 +11,8 @@ import torch
 
 from moderator.random_init import ARCHITECTURES
 
-CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks")
-DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks: asked for by name
+CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks", "animated")
+DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks, animated: asked for by name
 
 
 class BenchError(RuntimeError):
@@ -53,7 +53,7 @@ class BenchOptions:
 
     @property
     def needs_kafka(self) -> bool:
-        workers = "worker" in self.contenders or "banks" in self.contenders
+        workers = any(c in self.contenders for c in ("worker", "banks", "animated"))
         return "replay" in self.contenders or (workers and self.feed == "kafka")
 
     @property

@@ -66,6 +66,8 @@ def render_table(report: dict[str, Any]) -> str:
                      + f"; produced in {r['log']['produce_s']:.1f} s")  # fmt: skip
     if "banks" in c:
         lines += ["", *bank_lines(c["banks"])]
+    if "animated" in c:
+        lines += ["", *animated_lines(c["animated"])]
     if report.get("precisions"):
         lines += ["", *precision_lines(report["precisions"])]
     sweeps = report.get("sweeps", {})
@@ -109,6 +111,18 @@ def bank_lines(b: dict[str, Any]) -> list[str]:
             f"    {s['entries']:>9,}: {s['pdq_faiss_ms']:>8.2f} {s['pdq_numpy_ms']:>10.2f} {s['embedding_ms']:>10.2f}"
         )
     return lines
+
+
+def animated_lines(a: dict[str, Any]) -> list[str]:
+    """Animated inputs: the worker on a mix with animated GIFs against stills only."""
+    return [
+        f"animated inputs ({a['mix']}; {a['rows_per_input']:.2f} model rows per input):",
+        f"  stills only  {a['stills_images_per_s']:>8.2f} inputs/s (the mean of a run before and one after: "
+        + ", ".join(f"{r:.2f}" for r in a["stills_runs_images_per_s"])
+        + ")",
+        f"  mix          {a['mix_images_per_s']:>8.2f} inputs/s = {a['mix_vs_stills']:.2f}x stills;"
+        f" {a['mix_rows_per_s']:.2f} frames/s through the tower",
+    ]
 
 
 def precision_lines(precisions: dict[str, Any]) -> list[str]:

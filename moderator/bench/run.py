@@ -19,6 +19,7 @@ import yaml
 
 from moderator import clients
 from moderator.app import App
+from moderator.bench.animated_run import run_animated_contender
 from moderator.bench.banks_run import run_banks_contender
 from moderator.bench.inputs import ImageServer, bench_policy, make_images, prompt_bank
 from moderator.bench.measure import (
@@ -208,6 +209,9 @@ def run_bench(
                                                         create_topics)  # fmt: skip
         if "banks" in opts.contenders:  # after the replay: the replay's "same events" are the worker's alone
             contenders["banks"] = run_banks_contender(opts, app, bench_policy(texts), distinct, server, tmp, progress)
+        if "animated" in opts.contenders:
+            progress("animated: worker, stills; a 10% animated mix; stills again")
+            contenders["animated"] = run_animated_contender(opts, app, distinct, server)
         for p, run in runs.items():
             if "worker" in opts.contenders:
                 if run.engine is engine:

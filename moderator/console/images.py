@@ -11,6 +11,10 @@ they are decoded with the worker's limits and re-encoded as a JPEG (EXIF orienta
 dropped, at most ``MAX_SIDE`` pixels a side): the browser gets a plain image, never the uploaded bytes,
 and until the reviewer reveals it only a small blurred gray rendition (:meth:`ReviewImages.blurred`).
 Results are kept in a small in-memory cache by the item's handle (event id and image sha256).
+
+An animation or a video is shown as a contact sheet (:func:`contact_sheet`): the frames its decision
+was made on, each labelled with its frame number and time, the frame that drove the decision framed
+in red; blurred like any image until revealed.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ import threading
 from collections import OrderedDict
 
 from kafka import TopicPartition
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from moderator.app import App
 from moderator.errors import ReasonError
-from moderator.events import ReviewItem, parse_event
-from moderator.images import ImageLimits, decode
+from moderator.events import Frames, ReviewItem, parse_event
+from moderator.images import ImageLimits, decode, open_frames
 
 MAX_SIDE = 1600
+SHEET_TILE = 360  # a contact sheet's frames: at most this many pixels a side
+SHEET_COLUMNS = 4
 BLUR_SIDE = 96  # the blurred rendition: what the page shows before a reveal
 CACHE_BYTES = 128 * 1024 * 1024
 
@@ -59,7 +65,10 @@ class ReviewImages:
                 return cached
         data = self.original(item)
         try:
-            image = decode(data, self.limits)
+            if item.frames is not None:
+                image = contact_sheet(data, self.limits, item.frames)
+            else:
+                image = decode(data, self.limits)
         except ReasonError as exc:
             raise ImageUnavailable(f"the image cannot be decoded ({exc.reason})") from None
         image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
@@ -135,3 +144,31 @@ class ReviewImages:
 
     def close(self) -> None:
         self._reader.close(autocommit=False)
+
+
+def contact_sheet(data: bytes, limits: ImageLimits, frames: Frames) -> Image.Image:
+    """The frames a decision was made on, in a grid: each labelled with its frame number and time, the
+    one that drove the decision framed in red (typed :class:`ReasonError` when they cannot be decoded)."""
+    _, decoded = open_frames(data, limits, pick=[f.index for f in frames.sampled])
+    tiles: list[tuple[int, float, Image.Image]] = []
+    for sampled, image in decoded:
+        image.thumbnail((SHEET_TILE, SHEET_TILE), Image.Resampling.LANCZOS)
+        tiles.append((sampled.index, sampled.timestamp_ms, image))
+    if not tiles:
+        raise ImageUnavailable("none of the decision's frames could be decoded")
+    label_h, pad = 22, 6
+    columns = min(SHEET_COLUMNS, len(tiles))
+    rows = -(-len(tiles) // columns)
+    cell_w = max(t[2].width for t in tiles) + 2 * pad
+    cell_h = max(t[2].height for t in tiles) + 2 * pad + label_h
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for k, (index, at_ms, image) in enumerate(tiles):
+        x, y = (k % columns) * cell_w, (k // columns) * cell_h
+        sheet.paste(image, (x + pad, y + pad))
+        if index == frames.frame:
+            draw.rectangle((x + 2, y + 2, x + pad + image.width + 3, y + pad + image.height + 3), outline=(220, 30, 30),
+                           width=4)  # fmt: skip
+        text = f"frame {index} · {at_ms / 1000:.2f} s" + ("  (decided)" if index == frames.frame else "")
+        draw.text((x + pad, y + pad + image.height + 5), text, fill=(235, 235, 235))
+    return sheet

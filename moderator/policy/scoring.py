@@ -15,12 +15,15 @@ from moderator.events import (
     BankMatch,
     CategoryExplanation,
     Decision,
+    Frames,
+    FrameScores,
     ImagePrecision,
     Outcome,
     PolicyRef,
     TextMatch,
     Trigger,
 )
+from moderator.frames import FrameSet, frame_maxima, merge_hits
 from moderator.observability import STAGE_SECONDS, get_logger
 from moderator.policy.spec import BankRule, PolicyError, PolicySpec
 
@@ -166,6 +169,45 @@ class CompiledPolicy:
         STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
         return out
 
+    def decisions_over_frames(
+        self,
+        image_embeds: torch.Tensor,
+        frames: Sequence[FrameSet | None],
+        hits: Sequence[Sequence[Hit]] | None = None,
+        image_precision: ImagePrecision = "float32",
+        video_bank_min_frames: int = 1,
+    ) -> list[Decision]:
+        """Decide a batch whose inputs may have several rows each: ``image_embeds`` holds every input's
+        frames one after another (``len(frames[i].sampled)`` rows, or one for a still), and ``hits``
+        is per row. Each category's score is its maximum over the input's frames; a bank entry
+        matches when any frame matches it (a video: ``video_bank_min_frames`` frames); every trigger
+        names its frame, and the decision its sampled frames and the frame that drove it."""
+        t0 = time.perf_counter()
+        counts = [1 if f is None else len(f.sampled) for f in frames]
+        rows = self.scores(image_embeds)
+        maxima, which = frame_maxima(rows, counts)
+        merged: list[Sequence[Hit]] | None = None
+        hit_frame: list[dict[tuple[str, str], int]] = [{} for _ in frames]
+        if hits is not None:
+            merged = []
+            start = 0
+            for i, (f, n) in enumerate(zip(frames, counts, strict=True)):
+                if f is None:
+                    merged.append(hits[start])
+                else:
+                    need = video_bank_min_frames if f.kind == "video" else 1
+                    kept, hit_frame[i] = merge_hits(hits[start : start + n], min(need, n))
+                    merged.append(kept)
+                start += n
+        out = self.decide(maxima, merged, image_precision)
+        start = 0
+        for i, (f, n) in enumerate(zip(frames, counts, strict=True)):
+            if f is not None:
+                out[i] = _with_frames(out[i], f, rows[start : start + n], which[i], hit_frame[i], self.categories)
+            start += n
+        STAGE_SECONDS.labels(stage="score").observe(time.perf_counter() - t0)
+        return out
+
     def decide(
         self,
         scores: np.ndarray,
@@ -200,6 +242,48 @@ class CompiledPolicy:
                 )
             )
         return out
+
+
+def _with_frames(
+    decision: Decision,
+    frames: FrameSet,
+    rows: np.ndarray,
+    which: np.ndarray,
+    hit_frame: dict[tuple[str, str], int],
+    categories: list[str],
+) -> Decision:
+    """A decision over frames, annotated: each trigger's frame, the sampled frames' scores, and the
+    frame that drove it (the strongest trigger's; with none, the frame of the highest score)."""
+    column = {c: j for j, c in enumerate(categories)}
+
+    def position(t: Trigger) -> int | None:
+        if t.match is not None:
+            return hit_frame.get((t.match.bank, t.match.entry))
+        j = column.get(t.category)
+        return None if j is None else int(which[j])
+
+    triggered = []
+    driving: int | None = None
+    for t in decision.triggered:
+        at = position(t)
+        if driving is None and at is not None:
+            driving = at
+        triggered.append(t if at is None else t.model_copy(update={"frame": frames.sampled[at].index}))
+    if driving is None:
+        driving = int(np.unravel_index(int(rows.argmax()), rows.shape)[0]) if rows.size else 0
+    sampled = [FrameScores(index=f.index, timestamp_ms=f.timestamp_ms, scores=dict(zip(categories, r, strict=True)))
+               for f, r in zip(frames.sampled, rows.tolist(), strict=True)]  # fmt: skip
+    first = frames.sampled[driving]
+    summary = Frames(kind=frames.kind, count=frames.count, duration_ms=frames.duration_ms, sampled=sampled,
+                     frame=first.index, timestamp_ms=first.timestamp_ms)  # fmt: skip
+    return decision.model_copy(update={"triggered": triggered, "frames": summary})
+
+
+def driving_row(decision: Decision) -> int:
+    """Which of a decision's sampled frames drove it (0 for a still): its row among the input's."""
+    if decision.frames is None:
+        return 0
+    return [f.index for f in decision.frames.sampled].index(decision.frames.frame)
 
 
 def ensemble_texts(templates: Sequence[str], text: str) -> list[str]:

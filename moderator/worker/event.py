@@ -11,6 +11,7 @@ from kafka import TopicPartition
 
 from moderator.banks.pdq import PdqHash
 from moderator.events import CategoryExplanation, Decision, ImageRef, ParsedEvent, Source, Timings
+from moderator.frames import FrameSet
 from moderator.images import PreprocessSpec
 from moderator.precision import ImageTower
 from moderator.worker.checkpoint import Receipt
@@ -38,10 +39,11 @@ class Event:
     received: float  # time.monotonic()
     parsed: ParsedEvent | None = None
     data: bytes | None = None  # the image bytes (inline or fetched) until decoded
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | None = None  # uint8 [F, H, W, 3]: one row per frame (a still: F = 1)
     image_sha256: str = ""
     image_bytes: int = 0
-    pdq: PdqHash | None = None  # the decoded image's PDQ hashes (when the worker hashes)
+    pdqs: tuple[PdqHash | None, ...] = ()  # per frame, the PDQ hashes (when the worker hashes)
+    frames: FrameSet | None = None  # an animation or a video: what was sampled; None: a still
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -90,10 +92,12 @@ class Decided:
     decision: Decision  # the live policy's
     timings: Timings
     decided_at: str
-    embedding: np.ndarray | None  # its row of the batch's embeddings, as stored (None: the log is off)
+    embedding: np.ndarray | None  # its (driving frame's) row of the batch's embeddings, as stored (None: log off)
     shadows: tuple[Decision, ...] = ()  # the live policy's shadow policies' decisions
     review: ReviewDraw = NO_REVIEW  # how it meets the review queue (probability, audit sample, second review)
     explanation: tuple[CategoryExplanation, ...] = ()  # for the review feed: the closest texts per category
+    pdq: PdqHash | None = None  # of the frame that drove the decision (a still: the image's)
+    frame_embeddings: np.ndarray | None = None  # an animation or video: every sampled frame's, as stored
 
 
 def ms(seconds: float) -> float:

@@ -73,6 +73,7 @@ class Worker:
             max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
             embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
             review_include_flagged=settings.review_include_flagged,
+            video_bank_min_frames=settings.video_bank_min_frames,
         )  # fmt: skip
         self._stopping = threading.Event()
         self.assigned = self.checkpoint.assigned  # set while partitions are assigned (readiness)

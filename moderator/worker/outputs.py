@@ -87,7 +87,8 @@ class Outputs:
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
                 image=e.image,
                 scores=d.scores, reasons=d.triggered, policy=d.policy, model=d.model,
-                image_precision=d.image_precision, metadata=e.parsed.metadata, source=e.source, decided_at=decided_at,
+                image_precision=d.image_precision, frames=d.frames, metadata=e.parsed.metadata, source=e.source,
+                decided_at=decided_at,
                 sampled=draw.sampled, sample_rate=draw.probability if draw.sampled else None,
                 explanation=list(result.explanation), second_review=draw.second,
             )  # fmt: skip
@@ -96,8 +97,10 @@ class Outputs:
             embedding = EmbeddingRecord(
                 event_id=e.parsed.id, model=d.model, image_precision=d.image_precision, dtype=self.embeddings_dtype,
                 dim=len(result.embedding), vector=encode_vector(result.embedding, self.embeddings_dtype),
-                source=e.source, live=d, decided_at=decided_at, pdq=e.pdq.hex if e.pdq else None,
-                pdq_quality=e.pdq.quality if e.pdq else None, image=e.image,
+                frame_vectors=None if result.frame_embeddings is None
+                else encode_vector(result.frame_embeddings, self.embeddings_dtype),
+                source=e.source, live=d, decided_at=decided_at, pdq=result.pdq.hex if result.pdq else None,
+                pdq_quality=result.pdq.quality if result.pdq else None, image=e.image,
                 review_probability=draw.probability, sampled=draw.sampled,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))

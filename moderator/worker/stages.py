@@ -30,8 +30,9 @@ from moderator.batcher import MicroBatcher
 from moderator.errors import ReasonError
 from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
-from moderator.images import ImageLimits, load_image, load_image_hashed
-from moderator.policy import PolicyRegistry, PolicySet, explanations
+from moderator.images import ImageLimits, load_frames
+from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySet, explanations
+from moderator.policy.scoring import driving_row
 from moderator.worker.event import NO_REVIEW, Decided, Event, ImageEngine, ReviewDraw, ms
 from moderator.worker.outputs import review_draw
 
@@ -63,6 +64,11 @@ def _unexpected(sink: Sink, e: Event, exc: Exception) -> None:
     """A bug, not the data: log it with its traceback, and still never lose the event."""
     log.exception("image_stage_error", event_id=e.parsed.id if e.parsed else None)
     sink.failed(e, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _rows(e: Event) -> int:
+    """The batch rows an event takes: its frames once decoded (an undecoded one counts as one)."""
+    return 1 if e.pixels is None else len(e.pixels)
 
 
 def _pixels(e: Event) -> np.ndarray:
@@ -125,10 +131,8 @@ class ImageStage:
         try:
             seconds: dict[str, float] = {}
             with self._decode_slots:  # fetches wait on the network; decodes compete with the model for cores
-                if self.hash_pdq:
-                    e.pixels, e.pdq = load_image_hashed(data, self.limits, self.engine.spec, seconds)
-                else:
-                    e.pixels = load_image(data, self.limits, self.engine.spec, seconds)
+                loaded = load_frames(data, self.limits, self.engine.spec, seconds, self.hash_pdq)
+            e.pixels, e.pdqs, e.frames = loaded.pixels, loaded.pdqs, loaded.frames
             e.timings["decode_ms"] = ms(seconds["decode"])
             e.timings["preprocess_ms"] = ms(seconds["preprocess"])
             e.timings["pdq_ms"] = ms(seconds["pdq"])
@@ -161,8 +165,10 @@ class BatchStage:
         decode_threads: int,
         embeddings_dtype: str | None,
         review_include_flagged: bool,
+        video_bank_min_frames: int = 1,
     ) -> None:
         self.sink = sink
+        self.video_bank_min_frames = video_bank_min_frames
         # The embeddings log: the batch's embeddings as stored (None: off).
         self.review_include_flagged = review_include_flagged
         self.stored_dtype = {"float16": torch.float16, "float32": torch.float32, None: None}[embeddings_dtype]
@@ -201,13 +207,13 @@ class BatchStage:
                 if item is None:
                     closing = True
                 else:
-                    batcher.add(item, time.monotonic())
-                while len(batcher) < batcher.max_size:  # take whatever else is already waiting
+                    batcher.add(item, time.monotonic(), _rows(item))
+                while batcher.weight < batcher.max_size:  # take whatever else is already waiting
                     item = ready.get_nowait()
                     if item is None:
                         closing = True
                         break
-                    batcher.add(item, time.monotonic())
+                    batcher.add(item, time.monotonic(), _rows(item))
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -232,10 +238,14 @@ class BatchStage:
         snapshot = self.registry.current  # the whole batch is decided with this policy set
         tower = self.engine.tower  # and embedded by this tower, whose precision its decisions record
         t0 = time.perf_counter()
-        embeds = self.engine.encode_images(np.stack([_pixels(e) for e in events]), tower)
+        # Every frame of an animation or video is a row of the batch, its input's rows one after another.
+        embeds = self.engine.encode_images(np.concatenate([_pixels(e) for e in events]), tower)
         model_s = time.perf_counter() - t0  # transfer + forward (each observed by the engine)
-        obs.BATCH_SIZE.observe(len(events))
+        obs.BATCH_SIZE.observe(len(embeds))
         t1 = time.perf_counter()
+        counts = [len(_pixels(e)) for e in events]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+        multi = any(n > 1 for n in counts)
         hits = self.bank_hits(snapshot, events, embeds)
         groups: dict[str | None, list[int]] = {}
         for i, e in enumerate(events):
@@ -244,6 +254,17 @@ class BatchStage:
         shadows: list[list[Decision]] = [[] for _ in events]
         draws: list[ReviewDraw] = [NO_REVIEW] * len(events)
         explained: list[tuple[CategoryExplanation, ...]] = [() for _ in events]
+        driving = list(starts)  # per event, the row of the frame that drove its decision
+
+        def decide(policy: CompiledPolicy, rows: list[int]) -> list[Decision]:
+            if not multi:
+                group_hits = None if hits is None else [hits[i] for i in rows]
+                return policy.decisions(embeds[rows], group_hits, tower.precision)
+            frame_rows = [r for i in rows for r in range(starts[i], starts[i] + counts[i])]
+            group_hits = None if hits is None else [hits[r] for r in frame_rows]
+            return policy.decisions_over_frames(embeds[frame_rows], [events[i].frames for i in rows], group_hits,
+                                                tower.precision, self.video_bank_min_frames)  # fmt: skip
+
         for name, rows in groups.items():
             try:
                 policy = snapshot.get(name)
@@ -251,19 +272,20 @@ class BatchStage:
                 for i in rows:
                     self.sink.failed(events[i], exc.reason, str(exc))
                 continue
-            group_hits = None if hits is None else [hits[i] for i in rows]
-            for i, d in zip(rows, policy.decisions(embeds[rows], group_hits, tower.precision), strict=True):
+            for i, d in zip(rows, decide(policy, rows), strict=True):
                 decisions[i] = d
+                driving[i] = starts[i] + driving_row(d)
                 parsed = events[i].parsed
                 if parsed is not None:
                     draws[i] = review_draw(parsed.id, d.decision, policy.spec, self.review_include_flagged)
             for shadow in snapshot.shadows.get(policy.spec.name, ()):  # one more product per shadow
-                for i, d in zip(rows, shadow.decisions(embeds[rows], group_hits, tower.precision), strict=True):
+                for i, d in zip(rows, decide(shadow, rows), strict=True):
                     shadows[i].append(d)
-            # The review feed's items carry why they scored as they did (one product for all of them).
+            # The review feed's items carry why they scored as they did (one product for all of them;
+            # an animation's: its driving frame's).
             feed = [i for i in rows if draws[i].goes]
             if feed:
-                for i, explanation in zip(feed, explanations(policy, embeds[feed]), strict=True):
+                for i, explanation in zip(feed, explanations(policy, embeds[[driving[i] for i in feed]]), strict=True):
                     explained[i] = tuple(explanation)
         stored = None if self.stored_dtype is None else embeds.to(self.stored_dtype).cpu().numpy()
         score_s = time.perf_counter() - t1  # observed per policy group by CompiledPolicy.decisions
@@ -285,10 +307,14 @@ class BatchStage:
                 batch_wait_ms=ms(w), model_ms=ms(model_s), score_ms=ms(score_s), total_ms=ms(now - e.received),
                 end_to_end_ms=round(e2e, 3) if e2e is not None else None,
             )  # fmt: skip
-            embedding = None if stored is None else stored[i]
-            self.sink.decided(
-                Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), draws[i], explained[i])
-            )
+            row = driving[i]
+            embedding = None if stored is None else stored[row]
+            frame_embeddings = None
+            if stored is not None and e.frames is not None:
+                frame_embeddings = stored[starts[i] : starts[i] + counts[i]]
+            pdq = e.pdqs[row - starts[i]] if e.pdqs else None
+            self.sink.decided(Decided(e, decision, timings, decided_at, embedding, tuple(shadows[i]), draws[i],
+                                      explained[i], pdq, frame_embeddings))  # fmt: skip
             obs.DECISIONS.labels(outcome=decision.decision).inc()
             matches = {(t.match.bank, t.match.entry, t.match.negative) for t in decision.triggered if t.match}
             for bank, _, negative in matches:  # once per match (a negative one names several categories)
@@ -299,8 +325,9 @@ class BatchStage:
         obs.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - t2)
 
     def bank_hits(self, snapshot: PolicySet, events: list[Event], embeds: torch.Tensor) -> list[list[Hit]] | None:
-        """Each image's bank hits, one search for the batch at the widest thresholds of the policies
-        that serve now (each policy's rules then keep the hits within their own); None: no bank rule."""
+        """Each row's bank hits (a frame of an animation is a row), one search for the batch at the
+        widest thresholds of the policies that serve now (each policy's rules then keep the hits within
+        their own); None: no bank rule."""
         index = self.banks.current
         if not len(index):
             return None
@@ -310,6 +337,8 @@ class BatchStage:
         if not distances and not cosines:
             return None
         t0 = time.perf_counter()
-        hits = index.search([e.pdq for e in events], embeds, max(distances, default=None), min(cosines, default=None))
+        # One hash per row: every frame of an animation or video has its own.
+        hashes = [h for e in events for h in (e.pdqs or (None,) * len(_pixels(e)))]
+        hits = index.search(hashes, embeds, max(distances, default=None), min(cosines, default=None))
         obs.STAGE_SECONDS.labels(stage="banks").observe(time.perf_counter() - t0)
         return hits

@@ -123,7 +123,7 @@ def test_the_embedding_record_holds_the_vector_and_the_live_decision(tiny_engine
     assert (record["model"], record["image_precision"], record["dtype"], record["dim"]) == (
         tiny_engine.fingerprint, "float32", "float16", 16)  # fmt: skip
     assert record["live"] == {
-        k: decision[k] for k in ("decision", "scores", "triggered", "policy", "model", "image_precision")
+        k: decision[k] for k in ("decision", "scores", "triggered", "policy", "model", "image_precision", "frames")
     }
     pixels = load_image(jpeg_bytes(photo_like(40, 30, seed=7)), ImageLimits(), tiny_engine.spec)
     want = tiny_engine.encode_images(pixels[None]).numpy()
