@@ -32,10 +32,10 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
         ceiling_batches=2, load_levels=(50,), load_seconds=2, kafka_bootstrap=kafka_service.bootstrap_servers,
         kafka_api_version=kafka_service.api_version, redis_url=redis_service.url, sweep_batch=(8,),
         sweep_prompts=(4, 20), log_records=3000, bank_sizes=(500, 5000),
-        contenders=("reference", "engine", "worker", "ceiling", "replay", "banks"),
+        contenders=("reference", "engine", "worker", "ceiling", "replay", "banks", "animated"),
     )  # fmt: skip
     report = run_bench(opts, create_topics=kafka_service.create_topics)
-    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling", "replay", "banks"}
+    assert set(report["contenders"]) == {"reference", "engine", "worker", "ceiling", "replay", "banks", "animated"}
     _check_contender_rates(report)
     banks = report["contenders"]["banks"]
     assert set(banks["workers"]) == {"none_before", "500", "5000", "none_after"}
@@ -44,6 +44,12 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
     assert [s["entries"] for s in banks["search_per_batch"]] == [1_000, 10_000, 100_000]
     assert banks["pdq"]["ms_per_image"] > 0
     assert "known-image banks" in render_table(report)
+    animated = report["contenders"]["animated"]  # 2 of the 16 distinct inputs are 8-frame GIFs
+    assert animated["rows_per_input"] == pytest.approx((14 + 2 * 8) / 16, abs=1e-3)
+    assert animated["mix_images_per_s"] > 0 and all(r > 0 for r in animated["stills_runs_images_per_s"])
+    assert animated["mix_vs_stills"] == pytest.approx(animated["mix_images_per_s"] / animated["stills_images_per_s"],
+                                                      abs=1e-3)  # fmt: skip
+    assert "animated inputs" in render_table(report)
     assert set(report["ratios"]) >= {"worker_over_ceiling", "worker_over_reference", "engine_over_reference"}
 
     worker = report["contenders"]["worker"]
