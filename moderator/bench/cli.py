@@ -80,7 +80,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--reference-images", type=int, help="images through the reference (default 24; CUDA 64)")
     p.add_argument(
         "--contenders",
-        help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka; also: banks, animated)",
+        help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka; "
+        "also: banks, animated)",
     )
     p.add_argument(
         "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"

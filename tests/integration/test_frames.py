@@ -114,7 +114,7 @@ def test_animations_and_videos_are_decided_on_frames_and_bad_ones_dead_lettered(
     assert decisions["still"]["frames"] is None
     gif = decisions["gif"]["frames"]
     assert (gif["kind"], gif["count"], gif["duration_ms"]) == ("animation", 20, 5000.0)
-    assert [f["index"] for f in gif["sampled"]][0] == 0 and gif["sampled"][-1]["index"] == 19
+    assert gif["sampled"][0]["index"] == 0 and gif["sampled"][-1]["index"] == 19
     assert len(gif["sampled"]) == 8
     for category, score in decisions["gif"]["scores"].items():  # each category: its highest frame
         assert score == max(f["scores"][category] for f in gif["sampled"])

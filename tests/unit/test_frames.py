@@ -132,7 +132,7 @@ def _gif_with_frames(n: int, w: int, h: int) -> bytes:
 def test_adversarial_animations_are_refused_by_rule_with_typed_reasons():
     from moderator.images import ImageError
 
-    def reason(data: bytes, limits: ImageLimits = ImageLimits()) -> str:
+    def reason(data: bytes, limits: ImageLimits = VIDEO) -> str:
         with pytest.raises(ImageError) as caught:
             load_frames(data, limits, SPEC)
         return caught.value.reason
@@ -147,6 +147,7 @@ def test_adversarial_animations_are_refused_by_rule_with_typed_reasons():
     cut = animation_bytes(_photos(12), "GIF")
     assert reason(cut[: len(cut) * 2 // 3]) == "truncated_image"
     assert reason(video_bytes(_photos(4)), ImageLimits()) == "unsupported_format"  # videos are opt-in
+    assert reason(b"GIF89a" + b"\x00" * 7) in ("truncated_image", "corrupt_image", "not_an_image")
 
 
 def test_decoding_a_long_animation_holds_one_frame_at_a_time(tmp_path):
@@ -263,7 +264,9 @@ def test_a_later_frame_decides_and_every_trigger_names_its_frame():
     assert animated.frames.sampled[2].scores["weapons"] == pytest.approx(animated.scores["weapons"])
     # The strongest trigger (a flag by bank first, then by score) drove it
     assert (animated.frames.frame, animated.frames.timestamp_ms) == (
-        animated.triggered[0].frame, {0: 0.0, 17: 1700.0, 39: 3900.0}[animated.triggered[0].frame])
+        animated.triggered[0].frame,
+        {0: 0.0, 17: 1700.0, 39: 3900.0}[animated.triggered[0].frame],
+    )
     # A still's decision is what decisions() gives
     assert still == policy.decisions(rows[:1])[0]
 
