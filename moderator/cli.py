@@ -48,7 +48,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
     from moderator.clip import PIPELINE_TEMPLATE, zero_shot_probs
-    from moderator.images import ImageError, ImageLimits, ImageLoader
+    from moderator.frames import frame_maxima
+    from moderator.images import ImageError, ImageLimits, ImageLoader, Loaded
 
     if bool(args.label) == bool(args.policy):
         print("classify needs either --label (one or more) or --policy FILE", file=sys.stderr)
@@ -73,17 +74,20 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     datas.append(Path(p).read_bytes())
                 except OSError:
                     datas.append(None)
-            results = loader.load_many([d if d is not None else b"" for d in datas])
-            pixels = {i: r for i, r in enumerate(results) if isinstance(r, np.ndarray) and datas[i] is not None}
-            row_of = {i: n for n, i in enumerate(pixels)}
+            # An animation or a video: every sampled frame, decided as the worker decides it (max over frames).
+            results = loader.load_frames_many([d if d is not None else b"" for d in datas])
+            loaded = {i: r for i, r in enumerate(results) if isinstance(r, Loaded) and datas[i] is not None}
+            row_of = {i: n for n, i in enumerate(loaded)}
             decisions, probs = [], []
-            if pixels:
+            if loaded:
                 tower = engine.tower
-                embs = engine.encode_images(np.stack(list(pixels.values())), tower)
+                embs = engine.encode_images(np.concatenate([r.pixels for r in loaded.values()]), tower)
                 if policy is not None:
-                    decisions = policy.decisions(embs, image_precision=tower.precision)
+                    decisions = policy.decisions_over_frames(embs, [r.frames for r in loaded.values()],
+                                                             image_precision=tower.precision)  # fmt: skip
                 if text is not None:
-                    probs = zero_shot_probs(embs, text, engine.logit_scale).cpu().tolist()
+                    per_frame = zero_shot_probs(embs, text, engine.logit_scale).cpu().numpy()
+                    probs = frame_maxima(per_frame, [len(r.pixels) for r in loaded.values()])[0].tolist()
             for i, p in enumerate(chunk):
                 res = results[i]
                 out: dict[str, Any]
@@ -93,7 +97,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     out = {"image": p, "error": res.reason, "message": str(res)}
                 elif policy is not None:
                     out = {"image": p, **decisions[row_of[i]].model_dump(mode="json")}
-                else:
+                else:  # an animation's or video's: each label's highest probability over its frames
                     out = {"image": p, "scores": dict(zip(args.label, probs[row_of[i]], strict=True)),
                            "model": engine.fingerprint, "image_precision": engine.precision}  # fmt: skip
                 failed += "error" in out

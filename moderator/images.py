@@ -414,6 +414,16 @@ class ImageLoader:
         except ImageError as exc:
             return exc
 
+    def load_frames(self, data: bytes) -> Loaded | ImageError:
+        try:
+            return load_frames(data, self.limits, self.spec, with_pdq=False)
+        except ImageError as exc:
+            return exc
+
+    def load_frames_many(self, items: Sequence[bytes]) -> list[Loaded | ImageError]:
+        """:meth:`load_many` with every sampled frame of an animation or video (:func:`load_frames`)."""
+        return list(self._pool.map(self.load_frames, items))
+
     def load_many(self, items: Sequence[bytes]) -> list[np.ndarray | ImageError]:
         """One result per input, in order: an array, or the typed error for that input."""
         if len(items) <= 1:
