@@ -413,6 +413,9 @@ class EmbeddingRecord(_Record):
         None, description="the image's PDQ hash, 64 hex characters (when the worker hashes; of the driving frame)"
     )
     pdq_quality: int | None = None
+    frame_pdqs: list[str | None] | None = Field(
+        None, description="an animation or video: each sampled frame's PDQ hash (None: of too low a quality)"
+    )
     image: ImageRef | None = Field(None, description="where the image is (for a retroactive review item)")
     review_probability: float | None = Field(None, ge=0.0, le=1.0, description=REVIEW_PROBABILITY_DOC)
     sampled: bool = Field(False, description=SAMPLED_DOC)

@@ -60,6 +60,7 @@ class LoggedEvents:
     sampled: list[bool]  # went to review as an audit sample
     values: list[bytes]  # the records as read, with keep_values (``bank scan`` re-reads the ones it reports)
     frame_vectors: dict[int, np.ndarray]  # row -> float32 [F, D]: an animation's or video's sampled frames
+    frame_pdqs: dict[int, list[str | None]]  # row -> each sampled frame's usable PDQ hash (hex), or None
     read: int  # records read (duplicates and tombstones included)
     skipped_other_model: int
     skipped_other_precision: int
@@ -101,6 +102,7 @@ def read_log(
     sampled: list[bool] = []
     values: list[bytes] = []
     frame_texts: dict[int, tuple[str, str]] = {}
+    frame_pdqs: dict[int, list[str | None]] = {}
     skipped = skipped_precision = 0
     for value in latest.values():
         r = json.loads(value)
@@ -122,6 +124,8 @@ def read_log(
         sampled.append(bool(r.get("sampled")))
         if r.get("frame_vectors"):
             frame_texts[len(ids) - 1] = (r["frame_vectors"], r["dtype"])
+        if r.get("frame_pdqs"):
+            frame_pdqs[len(ids) - 1] = list(r["frame_pdqs"])
         if keep_values:
             values.append(value)
     t2 = time.perf_counter()
@@ -139,8 +143,8 @@ def read_log(
     frames = {row: decode_frame_vectors(text, kind, dim) for row, (text, kind) in frame_texts.items()}
     dtype = "float16" if any(k[0] == "float16" for k in vectors) else "float32"
     seconds = {"read": t1 - t0, "parse": t2 - t1, "decode": time.perf_counter() - t2}
-    return LoggedEvents(ids, out, live, dtype, pdq, decided_at, sha, probability, sampled, values, frames, read,
-                        skipped, skipped_precision, {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
+    return LoggedEvents(ids, out, live, dtype, pdq, decided_at, sha, probability, sampled, values, frames, frame_pdqs,
+                        read, skipped, skipped_precision, {k: round(v, 3) for k, v in seconds.items()})  # fmt: skip
 
 
 def logged_scores(policy: CompiledPolicy, logged: LoggedEvents, rows: Sequence[int]) -> np.ndarray:

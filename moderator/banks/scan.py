@@ -3,7 +3,9 @@
 The embeddings log keeps every decided image's embedding and PDQ hash (the image as it was: the
 log has no dihedral variants, so rotated or mirrored earlier copies are found by embedding only).
 The bank's entries are searched with all of it, in chunks; a finding can be published to the review
-topic as a retroactive review item.
+topic as a retroactive review item. An animation or a video is searched with every sampled frame's
+hash and embedding (the log keeps them all): an entry matching any frame is a finding, the closest
+frame's hit.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moderator.events import (
     Trigger,
     review_priority,
 )
+from moderator.frames import merge_hits
 from moderator.replay import LoggedEvents
 
 CHUNK = 4096
@@ -67,11 +70,31 @@ def scan(
     findings: list[Finding] = []
     for start in range(0, len(logged.ids), CHUNK):
         stop = min(start + CHUNK, len(logged.ids))
-        # The log keeps only usable hashes (read_log): one variant each, the image as it was.
-        hashes = [PdqHash(from_hex(h)[None], MIN_QUALITY) if h else None for h in logged.pdq[start:stop]]
-        embeds = torch.from_numpy(np.ascontiguousarray(logged.vectors[start:stop])) if cosine is not None else None
-        for offset, hits in enumerate(index.search(hashes, embeds, pdq_distance, cosine)):
-            row = start + offset
+        # The log keeps only usable hashes (read_log): one variant each, the image as it was; an
+        # animation's or video's: one per sampled frame, each a query row of its event.
+        owners: list[int] = []
+        texts: list[str | None] = []
+        vectors: list[np.ndarray] = []
+        for row in range(start, stop):
+            frames = logged.frame_pdqs.get(row)
+            frame_vectors = logged.frame_vectors.get(row)
+            if frames is not None and frame_vectors is not None and len(frames) == len(frame_vectors):
+                owners += [row] * len(frames)
+                texts += frames
+                vectors += list(frame_vectors)
+            else:
+                owners.append(row)
+                texts.append(logged.pdq[row])
+                vectors.append(logged.vectors[row])
+        hashes = [PdqHash(from_hex(h)[None], MIN_QUALITY) if h else None for h in texts]
+        embeds = torch.from_numpy(np.ascontiguousarray(np.stack(vectors))) if cosine is not None else None
+        per_row: dict[int, list[list[Hit]]] = {}
+        for owner, hits in zip(owners, index.search(hashes, embeds, pdq_distance, cosine), strict=True):
+            per_row.setdefault(owner, []).append(hits)
+        for row, frame_hits in per_row.items():
+            hits = merge_hits(frame_hits)[0] if len(frame_hits) > 1 else frame_hits[0]
+            if not hits:
+                continue
             live = logged.live[row]
             matched = {(t["match"]["bank"], t["match"]["entry"]) for t in live["triggered"] if t.get("match")}
             findings += [Finding(row, logged.ids[row], h, live["decision"], (h.entry.bank, h.entry.id) in matched)

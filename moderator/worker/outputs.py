@@ -101,6 +101,8 @@ class Outputs:
                 else encode_vector(result.frame_embeddings, self.embeddings_dtype),
                 source=e.source, live=d, decided_at=decided_at, pdq=result.pdq.hex if result.pdq else None,
                 pdq_quality=result.pdq.quality if result.pdq else None, image=e.image,
+                frame_pdqs=None if e.frames is None or not e.pdqs
+                else [h.hex if h is not None and h.usable else None for h in e.pdqs],
                 review_probability=draw.probability, sampled=draw.sampled,
             )  # fmt: skip
             out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))

@@ -17,7 +17,7 @@ import yaml
 from moderator.banks.store import read_entries
 from moderator.cli import main
 from moderator.clients import make_reader, read_to_end
-from moderator.samples import jpeg_bytes, photo_like
+from moderator.samples import animation_bytes, jpeg_bytes, photo_like
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env, wait_until
 
@@ -156,7 +156,10 @@ def test_a_scan_finds_the_earlier_events_of_an_image_banked_later(
     original = photo_like(400, 300, seed=9001)
     (tmp_path / "later.jpg").write_bytes(jpeg_bytes(original))
     earlier = {"early-same": jpeg_bytes(original), "early-q40": jpeg_bytes(original, quality=40),
-               "early-rot90": jpeg_bytes(np.ascontiguousarray(np.rot90(original)))}  # fmt: skip
+               "early-rot90": jpeg_bytes(np.ascontiguousarray(np.rot90(original))),
+               # an animation whose third frame is the image: found through that frame's logged hash
+               "early-gif": animation_bytes([photo_like(400, 300, seed=9200 + k) if k != 2 else original
+                                             for k in range(5)])}  # fmt: skip
     unrelated = {f"other-{i}": jpeg_bytes(photo_like(400, 300, seed=9100 + i)) for i in range(20)}
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     out = Outputs(settings, kinds=("decisions", "review", "dead_letters"))
@@ -168,7 +171,7 @@ def test_a_scan_finds_the_earlier_events_of_an_image_banked_later(
         # By PDQ (the log keeps each image's hash as it was: the rotated copy is not a PDQ match).
         found = _cli_json(capsys, ["bank", "scan", "later"])
         summary = found.pop()["summary"]
-        assert {f["event_id"] for f in found} == {"early-same", "early-q40"}
+        assert {f["event_id"] for f in found} == {"early-same", "early-q40", "early-gif"}
         assert all(f["entry"] == "later-1" and f["pdq_distance"] <= 31 for f in found)
         assert summary["events_scanned"] == len(earlier) + len(unrelated)
         # By embedding too, at a similarity for this (random, tiny) checkpoint: its embeddings of
