@@ -72,7 +72,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
-    from moderator.images import ImageError, ImageLimits, load_image
+    from moderator.images import ImageError, ImageLimits, load_frames
     from moderator.policy import explain
 
     app = _app(args)
@@ -81,14 +81,15 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.images:
         try:
-            arr = load_image(Path(path).read_bytes(), limits, app.engine.spec)
+            loaded = load_frames(Path(path).read_bytes(), limits, app.engine.spec, with_pdq=False)
         except (OSError, ImageError) as exc:
             failed += 1
             reason = exc.reason if isinstance(exc, ImageError) else "unreadable_file"
             print(json.dumps({"image": path, "error": reason, "message": str(exc)}))
             continue
         tower = app.engine.tower
-        report = explain(policy, app.engine.encode_images(arr[None], tower)[0], args.top, tower.precision)
+        embeds = app.engine.encode_images(loaded.pixels, tower)  # a row per sampled frame
+        report = explain(policy, embeds, args.top, tower.precision, loaded.frames)
         print(json.dumps({"image": path, **report}, indent=2 if args.pretty else None))
     return 1 if failed else 0
 

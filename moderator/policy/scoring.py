@@ -363,11 +363,18 @@ def explanations(policy: CompiledPolicy, image_embeds: torch.Tensor, top: int = 
 
 
 def explain(
-    policy: CompiledPolicy, image_embed: torch.Tensor, top: int = 3, image_precision: ImagePrecision = "float32"
+    policy: CompiledPolicy,
+    image_embed: torch.Tensor,
+    top: int = 3,
+    image_precision: ImagePrecision = "float32",
+    frames: FrameSet | None = None,
 ) -> dict[str, Any]:
-    """``moderator policy explain`` for one image: its decision and :func:`explanations`."""
-    decision = policy.decisions(image_embed.reshape(1, -1), image_precision=image_precision)[0]
-    cats = explanations(policy, image_embed.reshape(1, -1), top)[0]
+    """``moderator policy explain`` for one image: its decision and :func:`explanations`. An animation
+    or a video (``image_embed`` one row per sampled frame, ``frames`` what they are): decided over its
+    frames, the closest texts of the frame that drove the decision."""
+    rows = image_embed.reshape(-1, image_embed.shape[-1])
+    decision = policy.decisions_over_frames(rows, [frames], image_precision=image_precision)[0]
+    cats = explanations(policy, rows[driving_row(decision)].reshape(1, -1), top)[0]
     return {
         "decision": decision.decision,
         "policy": decision.policy.model_dump(),
@@ -375,4 +382,5 @@ def explain(
         "image_precision": decision.image_precision,
         "logit_scale": policy.logit_scale,
         "categories": [c.model_dump() for c in cats],
+        **({"frames": decision.frames.model_dump(mode="json")} if decision.frames is not None else {}),
     }

@@ -405,3 +405,33 @@ def test_a_video_matches_a_bank_entry_when_enough_keyframes_do(tmp_path, tiny_en
         assert d["frames"]["kind"] == "video" and bool(bank) == flagged, (need, d["triggered"])
         if flagged:
             assert bank[0]["frame"] == 2 and d["frames"]["timestamp_ms"] == 2000.0
+
+
+def test_classify_and_explain_decide_an_animation_over_its_frames(tmp_path, tiny_clip_dir, monkeypatch, capsys):
+    """The command line decides a GIF as the worker does: `classify --policy` gives the frames and
+    the maxima, `policy explain` the driving frame's closest texts."""
+    from moderator.cli import main
+
+    for key, value in {"MODERATOR_MODEL_ID": str(tiny_clip_dir), "MODERATOR_REDIS_ENABLED": "false",
+                       "MODERATOR_DEVICE": "cpu"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    gif, still = tmp_path / "a.gif", tmp_path / "s.jpg"
+    gif.write_bytes(animation_bytes(_photos(12, seed=40), "GIF", 100))
+    still.write_bytes(jpeg_bytes(photo_like(96, 64, seed=1)))
+    policy = str(ROOT / "policies" / "community-standards.yaml")
+    capsys.readouterr()
+    assert main(["classify", str(gif), str(still), "--policy", policy]) == 0
+    classified = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert classified[1]["frames"] is None and len(classified[0]["frames"]["sampled"]) == 8
+    for category, score in classified[0]["scores"].items():
+        assert score == max(f["scores"][category] for f in classified[0]["frames"]["sampled"])
+    assert main(["policy", "explain", "--policy", policy, str(gif), str(still)]) == 0
+    explained = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    a, b = explained[0]["frames"], classified[0]["frames"]  # (batches of other sizes: the last bits may differ)
+    assert [f["index"] for f in a["sampled"]] == [f["index"] for f in b["sampled"]] and "frames" not in explained[1]
+    for x, y in zip(a["sampled"], b["sampled"], strict=True):
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-5)
+    assert explained[0]["decision"] == classified[0]["decision"]
+    frame = classified[0]["frames"]["frame"]
+    driving = next(f for f in classified[0]["frames"]["sampled"] if f["index"] == frame)
+    assert {c["category"]: c["score"] for c in explained[0]["categories"]} == pytest.approx(driving["scores"], abs=1e-5)
