@@ -222,8 +222,8 @@ class Fetcher:
         timer.start()
         try:
             conn.request("GET", path, headers={
-                "User-Agent": self.policy.user_agent, "Accept": "image/*", "Accept-Encoding": "identity",
-                "Connection": "close",
+                "User-Agent": self.policy.user_agent, "Accept": "image/*, video/mp4, video/webm",
+                "Accept-Encoding": "identity", "Connection": "close",
             })  # fmt: skip
             resp = conn.getresponse()
             if resp.status in _REDIRECTS:
