@@ -62,7 +62,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         template = args.template or PIPELINE_TEMPLATE
         prompts = [template.replace("{}", lb) if "{}" in template else lb for lb in args.label]
         text = torch.from_numpy(app.encoder.encode(prompts)).to(engine.device)
-    loader = ImageLoader(ImageLimits.from_settings(app.settings), engine.spec, app.settings.decode_threads)
+    loader = ImageLoader(ImageLimits.from_settings(app.settings, engine.tower.precision), engine.spec,
+                         app.settings.decode_threads)  # fmt: skip
     failed = 0
     paths = list(args.images)
     try:

@@ -131,7 +131,10 @@ class Settings(BaseSettings):
     image_formats: tuple[ImageFormat, ...] = ("JPEG", "PNG", "WEBP", "GIF")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     image_max_pixels: int = Field(40_000_000, ge=1)  # Pillow's own bomb threshold is ~89.5M
-    image_jpeg_draft: bool = False  # JPEG DCT-domain downscale for images much larger than the input
+    # JPEG DCT-domain downscale while decoding, for JPEGs at least twice the resize target: much faster,
+    # slightly different pixels. auto: on where the image tower serves a reduced precision (bf16, fp16, int8,
+    # whose decisions already differ from fp32's by more than the draft's), off at fp32.
+    image_jpeg_draft: bool | Literal["auto"] = "auto"
     # Animations (GIF, WebP, APNG) and videos (formats MP4/WEBM, the `video` extra): decided on up to this
     # many sampled frames (first, last, evenly spaced by display time), each category at its maximum
     # over them. 1: the first frame only. More frames than frames_max, or frames x pixels above

@@ -93,9 +93,14 @@ class ImageLimits:
     video_max_seconds: float = 120.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ImageLimits:
+    def from_settings(cls, settings: Settings, precision: str | None = None) -> ImageLimits:
+        """The settings' limits; ``precision``: the image tower's that the images are for (it decides
+        ``MODERATOR_IMAGE_JPEG_DRAFT=auto``: draft decoding for a reduced precision; None: exact)."""
+        draft = settings.image_jpeg_draft
+        if draft == "auto":
+            draft = precision is not None and precision != "float32"
         return cls(
-            settings.image_max_bytes, settings.image_max_pixels, settings.image_formats, settings.image_jpeg_draft,
+            settings.image_max_bytes, settings.image_max_pixels, settings.image_formats, bool(draft),
             settings.frames_sampled, settings.frames_max, settings.frames_max_pixels, settings.video_max_seconds,
         )  # fmt: skip
 

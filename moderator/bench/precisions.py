@@ -10,7 +10,11 @@ fp32 on the probe set, then gated under the benchmark policy. Per precision:
 - **worker**: the whole worker on the same events (a backlog; the latency levels are measured for the
   main precision only), with its stage breakdown: where a goal is missed, it says which stage costs;
 - **agreement**: the probe set's min and mean cosine with fp32, the decision agreement under the
-  benchmark policy, and the precision that actually served (a gate failure serves fp32, and says so).
+  benchmark policy, and the precision that actually served (a gate failure serves fp32, and says so);
+- **JPEG draft**: whether the worker of that precision decodes large JPEGs at a reduced DCT scale
+  (``MODERATOR_IMAGE_JPEG_DRAFT=auto``: for the reduced precisions), and, through that precision's
+  tower, the cosine of draft and exact embeddings and the agreement of their decisions under the
+  benchmark policy, on the benchmark's distinct images.
 
 Ratios are against the float32 ceiling of the same run.
 """
@@ -18,16 +22,20 @@ Ratios are against the float32 ceiling of the same run.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moderator.app import App
 from moderator.bench.measure import Result
 from moderator.bench.options import BenchOptions
 from moderator.clip import ClipEngine
+from moderator.images import ImageLimits, load_image
+from moderator.policy import CompiledPolicy
 from moderator.precision import PRECISIONS, native_bf16
 
 
@@ -53,6 +61,7 @@ class PrecisionRun:
     app: App
     slices: list[Result] = field(default_factory=list)
     worker: dict[str, Any] | None = None
+    jpeg_draft: dict[str, Any] | None = None
 
     def gate(self) -> dict[str, Any]:
         e, s = self.engine, self.app.settings
@@ -93,6 +102,22 @@ def load_precisions(opts: BenchOptions, model_id: str, main: ClipEngine, app: Ap
     return runs
 
 
+def draft_agreement(run: PrecisionRun, policy: CompiledPolicy, images: Sequence[bytes]) -> dict[str, Any]:
+    """How the worker of ``run`` decodes JPEGs against exact decoding, through its tower: whether draft
+    decoding is on for it, the embeddings' cosine, the decisions' agreement under ``policy``."""
+    limits = ImageLimits.from_settings(run.app.settings, run.engine.precision)
+    out: dict[str, Any] = {"on": limits.jpeg_draft, "images": len(images)}
+    if not limits.jpeg_draft or not images:
+        return out
+    spec, tower = run.engine.spec, run.engine.tower
+    exact = run.engine.encode_images(np.stack([load_image(d, ImageLimits(), spec) for d in images]), tower)
+    draft = run.engine.encode_images(np.stack([load_image(d, limits, spec) for d in images]), tower)
+    cosine = (exact * draft).sum(dim=1)
+    same = [a.decision == b.decision for a, b in zip(policy.decisions(exact), policy.decisions(draft), strict=True)]
+    return out | {"min_cosine": round(float(cosine.min()), 6), "mean_cosine": round(float(cosine.mean()), 6),
+                  "agreement": round(sum(same) / len(same), 4)}  # fmt: skip
+
+
 def worker_options(opts: BenchOptions) -> BenchOptions:
     """A further precision's worker: the backlog only (the latency levels are the main precision's)."""
     return replace(opts, load_levels=())
@@ -110,6 +135,8 @@ def precisions_report(runs: dict[str, PrecisionRun]) -> dict[str, Any]:
             entry["ceiling"] = ceiling
         if run.worker is not None:
             entry["worker"] = run.worker
+        if run.jpeg_draft is not None:
+            entry["jpeg_draft"] = run.jpeg_draft
         if base_rate:
             for what in ("ceiling", "worker"):
                 rate = entry.get(what, {}).get("images_per_s")

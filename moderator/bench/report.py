@@ -156,4 +156,9 @@ def precision_lines(precisions: dict[str, Any]) -> list[str]:
             lines.append(f"  {name} worker stages (ms per image, summed over threads): " + ", ".join(parts))
         if p["gate"].get("fallback"):
             lines.append(f"  {name} fell back to {p['gate']['serving']}: {p['gate']['fallback']}")
+        d = p.get("jpeg_draft")
+        if d and d.get("on") and "agreement" in d:
+            lines.append(f"  {name} worker decodes JPEGs at a reduced DCT scale (MODERATOR_IMAGE_JPEG_DRAFT): against"
+                         f" exact decoding on {d['images']} images, min cosine {d['min_cosine']:.5f}, decisions agree"
+                         f" {d['agreement']:.2%}")  # fmt: skip
     return lines

@@ -33,7 +33,13 @@ from moderator.bench.measure import (
     sweep_prompts,
 )
 from moderator.bench.options import BenchOptions
-from moderator.bench.precisions import PrecisionRun, load_precisions, precisions_report, worker_options
+from moderator.bench.precisions import (
+    PrecisionRun,
+    draft_agreement,
+    load_precisions,
+    precisions_report,
+    worker_options,
+)
 from moderator.bench.replay_run import run_replay_contender
 from moderator.bench.worker_run import run_worker_contender
 from moderator.clip import PIPELINE_TEMPLATE, SUPPORTED_CHECKPOINTS, ClipEngine, checkpoint_available, zero_shot_probs
@@ -213,6 +219,7 @@ def run_bench(
             progress("animated: worker, stills; a 10% animated mix; stills again")
             contenders["animated"] = run_animated_contender(opts, app, distinct, server)
         for p, run in runs.items():
+            run.jpeg_draft = draft_agreement(run, policy, distinct)
             if "worker" in opts.contenders:
                 if run.engine is engine:
                     run.worker = contenders["worker"]

@@ -77,7 +77,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     app = _app(args)
     policy = app.load_policy(args.policy)
-    limits = ImageLimits.from_settings(app.settings)
+    limits = ImageLimits.from_settings(app.settings, app.engine.tower.precision)
     failed = 0
     for path in args.images:
         try:

@@ -63,7 +63,7 @@ class Worker:
         self.outputs = Outputs(settings)
         self.publisher = Publisher(producer, self.checkpoint, settings.publish_retries)
         self.images = ImageStage(
-            self, fetcher, ImageLimits.from_settings(settings), engine,
+            self, fetcher, ImageLimits.from_settings(settings, engine.tower.precision), engine,
             fetch_threads=settings.fetch_threads, decode_threads=settings.decode_threads,
             decode_with_batch=decode_before_forward(settings.decode_schedule, engine.device),
             hash_pdq=settings.pdq_enabled,

@@ -127,6 +127,12 @@ def test_bench_per_precision_in_one_run(tiny_clip_dir):
     gate = int8["gate"]
     assert gate["probe_images"] == 200 and gate["min_cosine"] >= 0.99 and set(gate["agreement"]) == {"bench"}
     assert gate["image_tower"] == ("openvino-int8" if gate["serving"] == "int8" else "onednn-fused")
+    # MODERATOR_IMAGE_JPEG_DRAFT=auto: exact decoding at fp32, DCT-scaled for the reduced precision
+    assert fp32["jpeg_draft"] == {"on": False, "images": 8}
+    draft = int8["jpeg_draft"]
+    assert draft["on"] is (gate["serving"] != "float32") and draft["images"] == 8
+    if draft["on"]:
+        assert 0.9 < draft["min_cosine"] <= draft["mean_cosine"] <= 1.0 + 1e-6 and 0.0 <= draft["agreement"] <= 1.0
     table = render_table(report)
     assert "image tower per precision" in table and "int8 worker stages" in table
     json.dumps(report)

@@ -176,3 +176,15 @@ def test_jpeg_draft_only_for_large_jpegs():
     assert drafted.size[0] < 2000 and drafted.size[1] >= 224 * 1500 // 2000
     small = jpeg_bytes(photo_like(300, 300, seed=3))
     assert decode(small, ImageLimits(jpeg_draft=True), spec).size == (300, 300)
+
+
+def test_jpeg_draft_auto_is_on_for_the_reduced_precisions_only():
+    from moderator.config import Settings
+
+    auto = Settings()
+    assert auto.image_jpeg_draft == "auto"
+    assert not ImageLimits.from_settings(auto).jpeg_draft  # no tower named: exact (the console, bank add)
+    assert not ImageLimits.from_settings(auto, "float32").jpeg_draft
+    assert ImageLimits.from_settings(auto, "bfloat16").jpeg_draft and ImageLimits.from_settings(auto, "int8").jpeg_draft
+    assert not ImageLimits.from_settings(Settings(image_jpeg_draft=False), "int8").jpeg_draft
+    assert ImageLimits.from_settings(Settings(image_jpeg_draft="true"), "float32").jpeg_draft  # as the env gives it
