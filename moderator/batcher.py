@@ -3,6 +3,12 @@
 A batch is ready when it holds ``max_size`` items, or when its oldest item has waited
 ``max_delay_s``. The caller passes the time (``time.monotonic()`` in production, plain numbers in
 tests) and sleeps until :meth:`MicroBatcher.deadline`.
+
+An item may come with a ``due`` time of its own (a synchronous request, ``moderator serve``): it waits
+in the *urgent* lane, which a batch takes first, and the batch is ready by its ``due`` time at the
+latest (Triton's priority levels, with the request's own timeout). The stream's items keep their order
+behind them; the urgent lane is bounded by the caller (the endpoint's admission queue), so the stream
+is never starved for long.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ T = TypeVar("T")
 class Pending(Generic[T]):
     item: T
     since: float  # when the item entered the batcher
+    due: float | None = None  # an urgent item's own latest flush time
 
 
 class MicroBatcher(Generic[T]):
@@ -29,25 +36,38 @@ class MicroBatcher(Generic[T]):
         self.max_size = max_size
         self.max_delay_s = max_delay_s
         self._queue: deque[Pending[T]] = deque()
+        self._urgent: deque[Pending[T]] = deque()
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._urgent)
 
-    def add(self, item: T, now: float) -> None:
-        self._queue.append(Pending(item, now))
+    def add(self, item: T, now: float, due: float | None = None) -> None:
+        """Queue ``item``; with ``due``, in the urgent lane, to be flushed by ``due`` at the latest."""
+        if due is None:
+            self._queue.append(Pending(item, now))
+        else:
+            self._urgent.append(Pending(item, now, due))
 
     def deadline(self) -> float | None:
-        """When the oldest waiting item's delay runs out (None when empty)."""
-        return self._queue[0].since + self.max_delay_s if self._queue else None
+        """When the next batch must run: the oldest item's delay, or an urgent item's due time (None when
+        empty)."""
+        times = [self._queue[0].since + self.max_delay_s] if self._queue else []
+        if self._urgent:
+            times.append(self._urgent[0].since + self.max_delay_s)
+            times.append(min(p.due for p in self._urgent if p.due is not None))
+        return min(times) if times else None
 
     def ready(self, now: float) -> bool:
-        if not self._queue:
+        if not len(self):
             return False
-        return len(self._queue) >= self.max_size or now >= self._queue[0].since + self.max_delay_s
+        deadline = self.deadline()
+        return len(self) >= self.max_size or (deadline is not None and now >= deadline)
 
     def take(self, now: float, force: bool = False) -> list[Pending[T]]:
-        """The next batch (oldest first, at most ``max_size``) if ready, or if ``force``; else []."""
+        """The next batch (urgent items first, then the oldest; at most ``max_size``) if ready, or if
+        ``force``; else []."""
         if not (force or self.ready(now)):
             return []
-        n = min(self.max_size, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
+        batch = [self._urgent.popleft() for _ in range(min(self.max_size, len(self._urgent)))]
+        batch += [self._queue.popleft() for _ in range(min(self.max_size - len(batch), len(self._queue)))]
+        return batch

@@ -29,6 +29,18 @@ class ImageEngine(Protocol):
         ...
 
 
+class Reply(Protocol):
+    """Where a synchronous request's result goes (``moderator serve``), instead of the worker's publisher:
+    the request waits for it. Its times are ``time.monotonic()``."""
+
+    due: float  # the micro-batcher runs its batch by then at the latest (the urgent lane)
+    deadline: float  # the requester stops waiting then: an event still unbatched is dropped, not decided
+
+    def decided(self, result: Decided) -> None: ...
+
+    def failed(self, reason: str, message: str) -> None: ...
+
+
 @dataclass
 class Event:
     receipt: Receipt
@@ -43,6 +55,7 @@ class Event:
     image_bytes: int = 0
     pdq: PdqHash | None = None  # the decoded image's PDQ hashes (when the worker hashes)
     timings: dict[str, float] = field(default_factory=dict)
+    reply: Reply | None = None  # a synchronous request's: its results go there, not to the publisher
 
     @property
     def tp(self) -> TopicPartition:
