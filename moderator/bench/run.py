@@ -20,6 +20,7 @@ import yaml
 from moderator import clients
 from moderator.app import App
 from moderator.bench.banks_run import run_banks_contender
+from moderator.bench.http_run import run_http_contender
 from moderator.bench.inputs import ImageServer, bench_policy, make_images, prompt_bank
 from moderator.bench.measure import (
     Result,
@@ -208,6 +209,9 @@ def run_bench(
                                                         create_topics)  # fmt: skip
         if "banks" in opts.contenders:  # after the replay: the replay's "same events" are the worker's alone
             contenders["banks"] = run_banks_contender(opts, app, bench_policy(texts), distinct, server, tmp, progress)
+        if "http" in opts.contenders:
+            progress("http")
+            contenders["http"] = run_http_contender(opts, app, distinct, server, notes)
         for p, run in runs.items():
             if "worker" in opts.contenders:
                 if run.engine is engine:
@@ -274,7 +278,7 @@ def _kafka_and_redis(
 
 
 def ratios(contenders: dict[str, Any]) -> dict[str, float]:
-    rate = {k: v["images_per_s"] for k, v in contenders.items() if v.get("images_per_s")}
+    rate = {k: v["images_per_s"] for k, v in contenders.items() if v.get("images_per_s")}  # (http: none of its own)
     out = {}
     for a, b in (("worker", "ceiling"), ("worker", "reference"), ("engine", "reference"), ("engine", "ceiling"),
                  ("worker", "engine")):  # fmt: skip
