@@ -33,7 +33,8 @@ from moderator.policy.topic import KafkaSource
 from moderator.worker import Worker
 
 if TYPE_CHECKING:
-    from moderator.serve import Endpoint
+    from moderator.serve.endpoint import Endpoint
+    from moderator.serve.keys import KeysFile
 
 log = get_logger(__name__)
 
@@ -152,11 +153,18 @@ class App:
         )  # fmt: skip
 
     # --- the synchronous endpoint -------------------------------------------------------------------
+    @cached_property
+    def api_keys(self) -> KeysFile:
+        """The endpoint's API keys (``MODERATOR_SERVE_KEYS_FILE``): ``KeysError`` when missing or bad."""
+        from moderator.serve.keys import load_keys
+
+        return load_keys(self.settings)
+
     def endpoint(self, worker: Worker | None = None) -> Endpoint:
         """The synchronous endpoint (``moderator/serve/``): beside ``worker``, its requests in the worker's
         image stage and micro-batcher, published by its producer; else with stages and a producer of its own
         (banks as the worker's: the followed topic unless ``MODERATOR_BANKS_ENABLED=false``)."""
-        from moderator.serve import Endpoint, Pipeline
+        from moderator.serve.endpoint import Endpoint, Pipeline
 
         s = self.settings
         redis = None
@@ -164,7 +172,7 @@ class App:
             redis = clients.make_redis(s.redis_url.get_secret_value(), s.redis_socket_timeout_ms,
                                        s.redis_connect_timeout_ms)  # fmt: skip
         if worker is not None:
-            return Endpoint(s, self.policies, self.fetcher, worker.producer, worker.images.submit, redis)
+            return Endpoint(s, self.api_keys, self.policies, self.fetcher, worker.producer, worker.images.submit, redis)
         pipeline = Pipeline(s, self.engine, self.policies, self.bank_store if s.banks_enabled else FixedBanks(),
                             self.fetcher)  # fmt: skip
         producer = self.producer()
@@ -174,12 +182,12 @@ class App:
             producer.flush(timeout=10)
             producer.close(timeout=5)
 
-        return Endpoint(s, self.policies, self.fetcher, producer, pipeline.submit, redis, on_stop=stop)
+        return Endpoint(s, self.api_keys, self.policies, self.fetcher, producer, pipeline.submit, redis, on_stop=stop)
 
     def serve_endpoint(self) -> int:
         """``moderator serve``: the endpoint alone, with its health server and policy reloads, until
         SIGTERM/SIGINT; the exit code."""
-        engine, registry = self.engine, self.policies  # start-up errors first, before any server
+        _, engine, registry = self.api_keys, self.engine, self.policies  # start-up errors first, before any server
         store = self.bank_store.start() if self.settings.banks_enabled else None
         endpoint = self.endpoint().start()
         health = HealthServer(self.settings.http_host, self.settings.http_port).start()
@@ -205,6 +213,8 @@ class App:
     def serve(self) -> int:
         """``moderator run``: the worker with its health server and policy reloads (and the synchronous
         endpoint, with ``MODERATOR_SERVE_IN_WORKER``); the exit code."""
+        if self.settings.serve_in_worker:
+            _ = self.api_keys
         engine, registry = self.engine, self.policies  # start-up errors first, before any server
         health = HealthServer(self.settings.http_host, self.settings.http_port).start()
         worker = self.worker()

@@ -282,11 +282,11 @@ def cmd_console_add_user(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from moderator.app import App
-    from moderator.serve import ServeConfigError
+    from moderator.serve.keys import KeysError
 
     try:
         return int(App(load_settings()).serve_endpoint())
-    except ServeConfigError as exc:
+    except KeysError as exc:
         print(f"moderator serve: {exc}", file=sys.stderr)
         return 2
 
@@ -311,8 +311,13 @@ def cmd_serve_add_key(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from moderator.app import App
+    from moderator.serve.keys import KeysError
 
-    return App(load_settings()).serve()
+    try:
+        return App(load_settings()).serve()
+    except KeysError as exc:  # MODERATOR_SERVE_IN_WORKER without usable keys
+        print(f"moderator run: {exc}", file=sys.stderr)
+        return 2
 
 
 def _image_files(paths: list[str]) -> list[str]:

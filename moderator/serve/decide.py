@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import threading
@@ -40,7 +41,6 @@ from kafka import KafkaProducer, TopicPartition
 
 from moderator import observability as obs
 from moderator.config import Settings
-from moderator.errors import ReasonError
 from moderator.events import ParsedEvent
 from moderator.fetch import Fetcher
 from moderator.policy import PolicyRegistry
@@ -92,7 +92,8 @@ class Reply:
             else:
                 self.future.set_result(outcome)
 
-        self.loop.call_soon_threadsafe(settle)
+        with contextlib.suppress(RuntimeError):  # the endpoint stopped (its loop closed): the trail is published
+            self.loop.call_soon_threadsafe(settle)
 
     def decided(self, result: Decided) -> None:
         records = self.decider.outputs.decided(result)
@@ -150,7 +151,8 @@ class Decider:
         self._io.shutdown(wait=False, cancel_futures=True)
 
     async def decide(self, items: list[ParsedEvent], deadline: float) -> list[Answer]:
-        """Every image's decision record, in order; or the first image's error (a ReasonError)."""
+        """Every image's decision record, in order; or the first image's error (a ReasonError). Only decided
+        requests count in the admission queue's pace (a refused URL costs no model time)."""
         snapshot = self.registry.current
         for item in items:
             snapshot.get(item.policy)  # unknown_policy / invalid_policy before anything is admitted
@@ -172,9 +174,6 @@ class Decider:
         except asyncio.TimeoutError:
             obs.SERVE_REFUSED.labels(why="timeout").inc()
             raise Timeout("no decision within the request's timeout; retry later (same id)", retry_after_s=1) from None
-        except ReasonError:
-            answered = True
-            raise
         finally:
             self.admission.release(len(items), time.monotonic(), answered)
             obs.SERVE_PENDING.set(self.admission.pending)

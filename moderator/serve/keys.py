@@ -25,6 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moderator.config import Settings
+from moderator.observability import get_logger
+
+log = get_logger(__name__)
+
 KEY_PREFIX = "mod_"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)/(s|min)$")
@@ -153,3 +158,16 @@ class KeysFile:
                 except KeysError as exc:
                     self.on_error(str(exc))
         return self._keys
+
+
+def _keys_error(message: str) -> None:
+    log.error("serve_keys_unreadable", error=message, consequence="the last good keys stay in use")
+
+
+def load_keys(settings: Settings) -> KeysFile:
+    """The API keys file, read (start-up fails here, before any model loads, when it is missing or bad)."""
+    if settings.serve_keys_file is None:
+        raise KeysError(
+            "the endpoint needs API keys: set MODERATOR_SERVE_KEYS_FILE (lines made by `moderator serve add-key NAME`)"
+        )
+    return KeysFile(settings.serve_keys_file, on_error=_keys_error)

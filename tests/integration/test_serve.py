@@ -224,6 +224,24 @@ def test_the_openai_client_gets_the_stream_workers_scores(serve_settings, tmp_pa
         assert worker.wait(60) == 0, worker.tail()
 
 
+def test_moderator_serve_decides_and_stops_on_sigterm(served, tmp_path):
+    """The command: start-up, one request, SIGTERM -> exit 0."""
+    settings = served.settings
+    server = WorkerProcess(settings, tmp_path / "serve.log", command="serve")
+    try:
+        server.wait_for("serve_started")
+        url = next(e["url"] for e in server.events() if e.get("event") == "serve_started")
+        body = {"id": "cmd-1", "image": {"data": base64.b64encode(image(50)).decode()}}
+        r = requests.post(f"{url}/v1/moderate", json=body, headers=auth(), timeout=30)
+        assert r.status_code == 200 and r.json()["event_id"] == "cmd-1"
+        assert records_by_id(settings, "decisions", {"cmd-1"})["cmd-1"] == [r.content]
+        assert server.count("serve_request") == 1
+    finally:
+        server.signal(signal.SIGTERM)
+        assert server.wait(60) == 0, server.tail()
+    assert server.count("serve_stopping") == 1
+
+
 def test_moderate_returns_the_published_record_and_retries_get_it_again(served):
     s = served.settings
     data = image(10)

@@ -218,6 +218,34 @@ def test_a_full_batch_takes_urgent_items_before_older_stream_items():
     assert len(b) == 0 and b.deadline() is None
 
 
+# --- the command line --------------------------------------------------------------------------------
+
+
+def test_add_key_prints_the_key_once_and_a_line_with_its_hash_only(capsys):
+    from moderator.cli import main
+
+    assert main(["serve", "add-key", "uploads", "--rate", "5/s"]) == 0
+    out, err = capsys.readouterr()
+    key = err.strip().rsplit(" ", 1)[-1]
+    assert key.startswith("mod_") and key not in out
+    entry = Keys.parse(out).check(key)
+    assert entry is not None and entry.name == "uploads" and entry.rate_per_s == 5.0
+    assert main(["serve", "add-key", "bad name"]) == 2
+
+
+def test_serve_without_keys_stops_before_loading_a_model(monkeypatch, capsys, tmp_path):
+    from moderator.cli import main
+
+    monkeypatch.delenv("MODERATOR_SERVE_KEYS_FILE", raising=False)
+    monkeypatch.setenv("MODERATOR_MODEL_ID", str(tmp_path / "no-such-model"))  # loading it would fail otherwise
+    assert main(["serve"]) == 2
+    assert "MODERATOR_SERVE_KEYS_FILE" in capsys.readouterr().err
+    (tmp_path / "keys.txt").write_text("uploads:plain-text\n")
+    monkeypatch.setenv("MODERATOR_SERVE_KEYS_FILE", str(tmp_path / "keys.txt"))
+    assert main(["serve"]) == 2
+    assert "keys.txt:1" in capsys.readouterr().err
+
+
 # --- statuses -----------------------------------------------------------------------------------------
 
 
