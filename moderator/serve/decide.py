@@ -8,16 +8,17 @@ For each image of a request, on the endpoint's event loop:
    thread), so that the image's sha256 is known.
 3. Idempotency: the same event id and the same bytes get the stored decision record back
    (``store.py``); the same pair already in flight waits for that one.
-4. The request's event goes to the requests topic (``MODERATOR_TOPIC_REQUESTS``) and the broker's
+4. The request's event goes to the requests topic (``MODERATOR_TOPIC_REQUESTS``); the broker's
    acknowledgement gives it its coordinates: the ``source`` of its decision, where the console reads an
-   inline image again, as it does for the stream's events.
+   inline image again, as it does for the stream's events. It is on its way while step 5 runs.
 5. The event enters the image stage and the micro-batcher of the stream (``moderator run`` with
    ``MODERATOR_SERVE_IN_WORKER``) or of the endpoint alone, in the urgent lane, due by half its
    remaining time; a batch that starts after its deadline leaves it out (:class:`Reply`).
-6. Its decision is built by the worker's own :class:`~moderator.worker.outputs.Outputs`: the decision
-   record, the review item (review decisions, audit samples), the embedding, the shadow decisions; all
-   are published, and when the broker has acknowledged every one, the request gets the decision record,
-   byte for byte as the decisions topic carries it.
+6. Once decided and its event acknowledged, its records are built by the worker's own
+   :class:`~moderator.worker.outputs.Outputs`: the decision record, the review item (review decisions,
+   audit samples), the embedding, the shadow decisions; all are published, and when the broker has
+   acknowledged every one, the request gets the decision record, byte for byte as the decisions topic
+   carries it.
 
 A request never waits past its deadline: it is answered 503 (``timeout``) then, while a decision
 already under way is still published (a retry with the same id then gets it from the store).
@@ -72,8 +73,14 @@ def envelope(item: ParsedEvent, data: bytes | None) -> bytes:
 
 
 class Reply:
-    """One image's way back to its request (:class:`moderator.worker.event.Reply`): called on the engine's
-    thread, it publishes the records and resolves the request's future on the event loop."""
+    """One image's way back to its request (:class:`moderator.worker.event.Reply`).
+
+    Its request's event is on its way to the requests topic while the image is decoded and batched; the
+    records are built and published when both the decision (the engine's thread) and the broker's
+    acknowledgement of the request's event (kafka-python's thread: the decision's ``source``) have come,
+    whichever is second. When every record is acknowledged, the request's future is resolved on the event
+    loop.
+    """
 
     def __init__(self, decider: Decider, loop: asyncio.AbstractEventLoop, future: asyncio.Future[bytes],
                  due: float, deadline: float) -> None:  # fmt: skip
@@ -82,6 +89,10 @@ class Reply:
         self.future = future
         self.due = due
         self.deadline = deadline
+        self._lock = threading.Lock()
+        self._recorded: Any = None  # the request event's RecordMetadata, once acknowledged
+        self._result: Decided | None = None  # the decision, when it came before the acknowledgement
+        self._done = False  # failed, or handed to _publish
 
     def _settle(self, outcome: bytes | BaseException) -> None:
         def settle() -> None:
@@ -95,10 +106,35 @@ class Reply:
         with contextlib.suppress(RuntimeError):  # the endpoint stopped (its loop closed): the trail is published
             self.loop.call_soon_threadsafe(settle)
 
+    def recorded(self, meta: Any) -> None:
+        """The request's event is acknowledged (kafka-python's thread)."""
+        with self._lock:
+            self._recorded, result = meta, self._result
+            go = result is not None and not self._done
+            self._done = self._done or go
+        if go:  # never from kafka-python's own thread: a send there may wait for metadata that thread fetches
+            self.decider.background(self._publish, result, meta)
+
+    def not_recorded(self, exc: BaseException) -> None:
+        with self._lock:
+            self._done = True
+        self._settle(PublishFailed(f"the request could not be recorded: {exc}", retry_after_s=1))
+
     def decided(self, result: Decided) -> None:
+        with self._lock:
+            self._result, meta = result, self._recorded
+            go = meta is not None and not self._done
+            self._done = self._done or go
+        if go:
+            self._publish(result, meta)
+
+    def _publish(self, result: Decided, meta: Any) -> None:
+        e = result.event
+        e.receipt = Receipt(TopicPartition(meta.topic, meta.partition), meta.offset, tracked=False)
+        e.timestamp_ms = meta.timestamp if isinstance(meta.timestamp, int) and meta.timestamp >= 0 else None
         records = self.decider.outputs.decided(result)
         decision = records[0].value  # the decision record comes first
-        key = event_key(result.event)
+        key = event_key(e)
         remaining = [len(records)]
         lock = threading.Lock()
 
@@ -123,6 +159,8 @@ class Reply:
                 return
 
     def failed(self, reason: str, message: str) -> None:
+        with self._lock:
+            self._done = True
         self._settle(Failed(reason, message))
 
 
@@ -149,6 +187,17 @@ class Decider:
 
     def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
+
+    def background(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` on the endpoint's I/O threads (logged if it raises)."""
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("serve_background_failed")
+
+        self._io.submit(run)
 
     async def decide(self, items: list[ParsedEvent], deadline: float) -> list[Answer]:
         """Every image's decision record, in order; or the first image's error (a ReasonError). Only decided
@@ -196,14 +245,17 @@ class Decider:
         self._in_flight[(item.id, sha)] = future
         try:
             value = envelope(item, data)
-            meta = await self._publish_request(loop, item.id.encode(), value)
             now = time.monotonic()
             reply = Reply(self, loop, future, due=now + max(0.0, deadline - now) / 2, deadline=deadline)
-            timestamp = meta.timestamp if isinstance(meta.timestamp, int) and meta.timestamp >= 0 else None
+            try:  # the request's event, on its way while the image is decoded and batched
+                sent = self.producer.send(self.requests_topic, key=item.id.encode(), value=value)
+            except Exception as exc:
+                raise PublishFailed(f"the request could not be recorded: {exc}", retry_after_s=1) from None
+            sent.add_callback(reply.recorded).add_errback(reply.not_recorded)
             event = Event(
-                Receipt(TopicPartition(meta.topic, meta.partition), meta.offset, tracked=False), item.id.encode(),
-                value, timestamp, now, parsed=ParsedEvent(item.id, item.policy, item.metadata, data, item.url),
-                reply=reply,
+                Receipt(TopicPartition(self.requests_topic, -1), -1, tracked=False),  # until the broker says
+                item.id.encode(), value, None, now,
+                parsed=ParsedEvent(item.id, item.policy, item.metadata, data, item.url), reply=reply,
             )  # fmt: skip
             self.submit(event)
             record = await asyncio.shield(future)
@@ -217,23 +269,3 @@ class Decider:
             return  # (the exception is retrieved, so never logged as lost)
         self.store.remember(event_id, sha, future.result())
         loop.run_in_executor(self._io, self.store.save, event_id, sha, future.result())
-
-    async def _publish_request(self, loop: asyncio.AbstractEventLoop, key: bytes, value: bytes) -> Any:
-        """The request's event on the requests topic, acknowledged: its coordinates."""
-        acked: asyncio.Future[Any] = loop.create_future()
-
-        def settle(outcome: Any) -> None:
-            if acked.done():
-                return
-            if isinstance(outcome, BaseException):
-                acked.set_exception(PublishFailed(f"the request could not be recorded: {outcome}", retry_after_s=1))
-            else:
-                acked.set_result(outcome)
-
-        try:
-            future = self.producer.send(self.requests_topic, key=key, value=value)
-        except Exception as exc:
-            raise PublishFailed(f"the request could not be recorded: {exc}", retry_after_s=1) from None
-        future.add_callback(lambda meta: loop.call_soon_threadsafe(settle, meta))
-        future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc))
-        return await acked

@@ -87,7 +87,10 @@ class Endpoint:
             ),
             self.decider,
         )  # fmt: skip
-        self._sock = socket.socket(socket.AF_INET6 if ":" in settings.serve_host else socket.AF_INET)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (with proto 0, a
+        # response written as headers then body waits ~40 ms for the client's delayed ACK)
+        family = socket.AF_INET6 if ":" in settings.serve_host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((settings.serve_host, settings.serve_port))
         self._sock.listen(1024)
@@ -126,11 +129,13 @@ class Endpoint:
         return self._thread is not None and self._thread.is_alive() and self.server.started
 
     def stop(self) -> None:
-        """Stop taking requests; those under way are answered within uvicorn's grace period."""
+        """Stop taking requests (those under way are answered within uvicorn's grace period); then the
+        endpoint's own stages and producer (what they hold is still decided and published), then its threads.
+        Every answered decision was published before it was answered."""
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
         else:
             self._sock.close()
-        self.decider.close()
         self.on_stop()
+        self.decider.close()
