@@ -8,12 +8,13 @@ wires them together. Parts are built on first use, so a command that needs no mo
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -30,6 +31,10 @@ from moderator.policy.directory import DirectorySource
 from moderator.policy.registry import PolicySource
 from moderator.policy.topic import KafkaSource
 from moderator.worker import Worker
+
+if TYPE_CHECKING:
+    from moderator.serve.endpoint import Endpoint
+    from moderator.serve.keys import KeysFile
 
 log = get_logger(__name__)
 
@@ -147,19 +152,94 @@ class App:
             fetcher=self.fetcher, banks=banks,
         )  # fmt: skip
 
+    # --- the synchronous endpoint -------------------------------------------------------------------
+    @cached_property
+    def api_keys(self) -> KeysFile:
+        """The endpoint's API keys (``MODERATOR_SERVE_KEYS_FILE``): ``KeysError`` when missing or bad."""
+        from moderator.serve.keys import load_keys
+
+        return load_keys(self.settings)
+
+    def endpoint(self, worker: Worker | None = None) -> Endpoint:
+        """The synchronous endpoint (``moderator/serve/``): beside ``worker``, its requests in the worker's
+        image stage and micro-batcher, published by its producer; else with stages and a producer of its own
+        (banks as the worker's: the followed topic unless ``MODERATOR_BANKS_ENABLED=false``)."""
+        from moderator.serve.endpoint import Endpoint, Pipeline
+
+        s = self.settings
+        redis = None
+        if s.redis_enabled:
+            redis = clients.make_redis(s.redis_url.get_secret_value(), s.redis_socket_timeout_ms,
+                                       s.redis_connect_timeout_ms)  # fmt: skip
+        if worker is not None:
+            return Endpoint(s, self.api_keys, self.policies, self.fetcher, worker.producer, worker.images.submit, redis)
+        pipeline = Pipeline(s, self.engine, self.policies, self.bank_store if s.banks_enabled else FixedBanks(),
+                            self.fetcher)  # fmt: skip
+        producer = self.producer()
+
+        def stop() -> None:
+            pipeline.stop()
+            producer.flush(timeout=10)
+            producer.close(timeout=5)
+
+        return Endpoint(s, self.api_keys, self.policies, self.fetcher, producer, pipeline.submit, redis, on_stop=stop)
+
+    def serve_endpoint(self) -> int:
+        """``moderator serve``: the endpoint alone, with its health server and policy reloads, until
+        SIGTERM/SIGINT; the exit code."""
+        _, engine, registry = self.api_keys, self.engine, self.policies  # start-up errors first, before any server
+        store = self.bank_store.start() if self.settings.banks_enabled else None
+        endpoint = self.endpoint().start()
+        health = HealthServer(self.settings.http_host, self.settings.http_port).start()
+        health.add_check("model_loaded", lambda: engine is not None)
+        health.add_check("policies_compiled", lambda: bool(registry.current.policies))
+        health.add_check("serving", lambda: endpoint.serving)
+        registry.start()
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stopping.set())
+        try:
+            while not stopping.wait(0.5) and endpoint.serving:
+                pass
+        finally:
+            log.info("serve_stopping")
+            endpoint.stop()
+            registry.stop()
+            if store is not None:
+                store.stop()
+            health.stop()
+        return 0
+
     def serve(self) -> int:
-        """``moderator run``: the worker with its health server and policy reloads; the exit code."""
+        """``moderator run``: the worker with its health server and policy reloads (and the synchronous
+        endpoint, with ``MODERATOR_SERVE_IN_WORKER``); the exit code."""
+        if self.settings.serve_in_worker:
+            _ = self.api_keys
         engine, registry = self.engine, self.policies  # start-up errors first, before any server
         health = HealthServer(self.settings.http_host, self.settings.http_port).start()
         worker = self.worker()
         health.add_check("model_loaded", lambda: engine is not None)
         health.add_check("policies_compiled", lambda: bool(registry.current.policies))
         health.add_check("partitions_assigned", worker.assigned.is_set)
+        endpoint = self.endpoint(worker) if self.settings.serve_in_worker else None
+        if endpoint is not None:
+
+            def stop(signum: int, frame: Any) -> None:  # the endpoint stops taking requests, then the worker
+                endpoint.server.should_exit = True
+                worker.stop(f"signal {signum}")
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, stop)
         registry.start()
         store = self.bank_store.start() if self.settings.banks_enabled else None
         try:
-            code = worker.run()
+            if endpoint is not None:
+                endpoint.start()
+                health.add_check("serving", lambda: endpoint.serving)
+            code = worker.run(install_signals=endpoint is None)
         finally:
+            if endpoint is not None:
+                endpoint.stop()
             registry.stop()
             if store is not None:
                 store.stop()

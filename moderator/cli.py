@@ -285,14 +285,44 @@ def cmd_console_add_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moderator.app import App
+    from moderator.serve.keys import KeysError
+
+    try:
+        return int(App(load_settings()).serve_endpoint())
+    except KeysError as exc:
+        print(f"moderator serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_serve_add_key(args: argparse.Namespace) -> int:
+    from moderator.serve.keys import key_line, new_key
+
+    key = new_key()
+    try:
+        line = key_line(args.name, key, args.rate)
+    except ValueError as exc:
+        print(f"moderator serve add-key: {exc}", file=sys.stderr)
+        return 2
+    print(f"API key for {args.name} (shown once; the file keeps only its hash): {key}", file=sys.stderr)
+    print(line)
+    return 0
+
+
 # ==================================================================================================
 # The worker and its topics
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from moderator.app import App
+    from moderator.serve.keys import KeysError
 
-    return App(load_settings()).serve()
+    try:
+        return App(load_settings()).serve()
+    except KeysError as exc:  # MODERATOR_SERVE_IN_WORKER without usable keys
+        print(f"moderator run: {exc}", file=sys.stderr)
+        return 2
 
 
 def _image_files(paths: list[str]) -> list[str]:
@@ -519,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lead: finalizes escalations, changes others' verdicts, adds to banks; admin: also sees who"
                     " holds what")  # fmt: skip
     pa.set_defaults(func=cmd_console_add_user)
+
+    p = sub.add_parser("serve", help="the synchronous endpoint: decide before publishing (HTTP, OpenAI-compatible)")
+    p.set_defaults(func=cmd_serve)
+    ssub = p.add_subparsers(dest="serve_command")
+    pk = ssub.add_parser("add-key", help="make an API key: the key on stderr (once), its keys-file line on stdout")
+    pk.add_argument("name")
+    pk.add_argument("--rate", help="its rate in images, e.g. 50/s or 600/min (default MODERATOR_SERVE_RATE_PER_S)")
+    pk.set_defaults(func=cmd_serve_add_key)
 
     p = sub.add_parser("verdicts", help="the reviewers' verdicts: export them for QA")
     vsub = p.add_subparsers(dest="verdicts_command", required=True)

@@ -208,6 +208,23 @@ class Settings(BaseSettings):
     console_redis_prefix: str = "moderator:console:"
     console_banks: tuple[str, ...] = ()  # banks a reviewer may add a confirmed image to (a PDQ entry)
 
+    # --- The synchronous endpoint (moderator serve) --------------------------------------------
+    serve_host: str = "127.0.0.1"  # where the endpoint listens (behind a TLS proxy in production)
+    serve_port: int = Field(8090, ge=0, le=65535)  # 0 = a free port
+    serve_in_worker: bool = False  # `moderator run` serves the endpoint too, its requests in the stream's batches
+    # API keys: a file of `name[:rate]:$sha256$<hex>` lines (moderator serve add-key NAME). Required.
+    serve_keys_file: Path | None = None
+    serve_rate_per_s: float = Field(20.0, gt=0, le=100_000)  # images per second per key (unless its line says)
+    serve_burst: int = Field(40, ge=1, le=100_000)  # images a key may send at once above its rate
+    # The admission queue: images admitted and not yet answered, at most (more: 503 with Retry-After).
+    serve_max_pending: int = Field(64, ge=1, le=100_000)
+    serve_timeout_s: float = Field(5.0, gt=0, le=600)  # a request's deadline unless X-Moderator-Timeout-Ms
+    serve_max_timeout_s: float = Field(30.0, gt=0, le=600)  # the longest deadline a request may ask for
+    serve_max_inputs: int = Field(16, ge=1, le=1024)  # images per /v1/moderations request
+    # The idempotency store (Redis; it may be lost: the request is then decided again, same id).
+    serve_idempotency_ttl_s: float = Field(86_400.0, ge=0, le=30 * 86_400)
+    serve_redis_prefix: str = "moderator:serve:"
+
     # --- Observability --------------------------------------------------------------------------
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)  # /metrics, /healthz, /readyz; 0 = a free port

@@ -198,6 +198,11 @@ def parse_event(key: bytes | None, value: bytes | None, raw: bool, max_bytes: in
         raw_obj = json.loads(value)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidJson(f"not JSON: {exc}") from None
+    return parse_envelope(raw_obj)
+
+
+def parse_envelope(raw_obj: Any) -> ParsedEvent:
+    """A decoded JSON envelope (``{"id": ..., "image": ...}``), validated, its inline image decoded."""
     try:
         event = ImageEvent.model_validate(raw_obj)
     except ValidationError as exc:

@@ -257,6 +257,27 @@ CONSOLE_REVEALS = Counter(
     registry=REGISTRY,
 )
 
+# The synchronous endpoint (moderator/serve/)
+SERVE_REQUESTS = Counter(
+    "moderator_serve_requests_total", "Requests answered, by route and status", ["route", "status"], registry=REGISTRY
+)
+SERVE_SECONDS = Histogram(
+    "moderator_serve_request_seconds", "From a request's arrival to its answer (decided ones)", ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)  # fmt: skip
+SERVE_PENDING = Gauge("moderator_serve_pending_images", "Images admitted and not yet answered", registry=REGISTRY)
+SERVE_REFUSED = Counter(
+    "moderator_serve_refused_total",
+    "Requests refused before deciding (full: admission queue; too_slow: would miss its deadline; rate: key's rate;"
+    " timeout: deadline passed)",
+    ["why"],
+    registry=REGISTRY,
+)
+SERVE_REPLAYED = Counter(
+    "moderator_serve_replayed_total", "Images answered from the idempotency store (same id, same bytes)",
+    registry=REGISTRY,
+)  # fmt: skip
+
 READY = Gauge("moderator_ready", "1 when every readiness check passes", registry=REGISTRY)
 
 

@@ -81,7 +81,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument(
         "--contenders",
         help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka; "
-        "also: banks, animated)",
+        "also: banks, animated, http)",
     )
     p.add_argument(
         "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"
@@ -94,6 +94,13 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--kafka-api-version", help='with --kafka, for brokers that cannot be probed ("0.9")')
     p.add_argument("--redis", dest="redis_url", help="an existing Redis (URL) instead of a local one")
     p.add_argument("--load", help="offered loads in %% of the measured maximum (default 25,50,75,100; quick 50)")
+    p.add_argument("--http-clients", type=int, default=4, help="the http contender's closed-loop clients (default 4)")
+    p.add_argument(
+        "--http-stream-pct",
+        type=int,
+        default=50,
+        help="the http contender's mixed load: stream events at this %% of its capacity (default 50)",
+    )
     p.add_argument("--load-seconds", type=float, help="seconds per load level (default 15; CUDA 10; quick 6)")
     p.add_argument("--sweep-batch", help="batch sizes (default 1,8,16,32,64; CUDA 32,64,128,256,512)")
     p.add_argument("--sweep-prompts", help="prompt counts (default 12,48,192,768)")

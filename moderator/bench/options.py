@@ -11,8 +11,8 @@ import torch
 
 from moderator.random_init import ARCHITECTURES
 
-CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks", "animated")
-DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks, animated: asked for by name
+CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks", "animated", "http")
+DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks, animated, http: by name
 
 
 class BenchError(RuntimeError):
@@ -47,13 +47,15 @@ class BenchOptions:
     redis_url: str | None = None  # an existing Redis instead of the local stack's
     load_levels: tuple[int, ...] = (25, 50, 75, 100)  # % of the worker's measured maximum
     load_seconds: float = 15.0
+    http_clients: int = 4  # the http contender's closed-loop clients
+    http_stream_pct: int = 50  # the http contender's mixed phase: stream events at this % of the stream's capacity
     sweep_batch: tuple[int, ...] = ()
     sweep_prompts: tuple[int, ...] = ()
     seed: int = 0
 
     @property
     def needs_kafka(self) -> bool:
-        workers = any(c in self.contenders for c in ("worker", "banks", "animated"))
+        workers = any(c in self.contenders for c in ("worker", "banks", "animated", "http"))
         return "replay" in self.contenders or (workers and self.feed == "kafka")
 
     @property
@@ -71,6 +73,10 @@ class BenchOptions:
             raise BenchError("feed is kafka or queue; source is inline or url")
         if "replay" in self.contenders and self.feed != "kafka":
             raise BenchError("the replay contender reads the embeddings log from Kafka: --feed kafka")
+        if "http" in self.contenders and self.feed != "kafka":
+            raise BenchError("the http contender publishes every decision to Kafka: --feed kafka")
+        if self.http_clients < 1 or not 0 < self.http_stream_pct <= 100:
+            raise BenchError("http-clients must be at least 1, http-stream-pct in 1..100")
         for name in (
             "images",
             "distinct",
@@ -147,7 +153,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         partitions=args.partitions, kafka_bootstrap=args.kafka_bootstrap, kafka_api_version=args.kafka_api_version,
         redis_url=args.redis_url,
         load_levels=parse_ints(args.load) if args.load else ((50,) if quick else (25, 50, 75, 100)),
-        load_seconds=pick(args.load_seconds, 15.0, 10.0, 6.0),
+        load_seconds=pick(args.load_seconds, 15.0, 10.0, 6.0), http_clients=args.http_clients,
+        http_stream_pct=args.http_stream_pct,
         sweep_batch=parse_ints(args.sweep_batch) if args.sweep_batch else
         (((32, 64, 128, 256, 512) if cuda else (1, 8, 16, 32, 64)) if sweeps else ()),
         sweep_prompts=parse_ints(args.sweep_prompts) if args.sweep_prompts else ((12, 48, 192, 768) if sweeps else ()),

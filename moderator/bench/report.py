@@ -70,6 +70,8 @@ def render_table(report: dict[str, Any]) -> str:
         lines += ["", *animated_lines(c["animated"])]
     if report.get("precisions"):
         lines += ["", *precision_lines(report["precisions"])]
+    if "http" in c:
+        lines += ["", *http_lines(c["http"])]
     sweeps = report.get("sweeps", {})
     if "batch" in sweeps:
         lines.append("\nthroughput vs batch size:")
@@ -162,3 +164,23 @@ def precision_lines(precisions: dict[str, Any]) -> list[str]:
                          f" exact decoding on {d['images']} images, min cosine {d['min_cosine']:.5f}, decisions agree"
                          f" {d['agreement']:.2%}")  # fmt: skip
     return lines
+
+
+def http_lines(h: dict[str, Any]) -> list[str]:
+    """The synchronous endpoint inside the worker: HTTP latency alone and under a mixed load."""
+
+    def http(x: dict[str, Any]) -> str:
+        refused = sum(n for status, n in x["statuses"].items() if status != "200")
+        return (f"{x['decided_per_s']:.2f} req/s, p50 {x['p50_ms']} ms, p95 {x['p95_ms']} ms, p99 {x['p99_ms']} ms,"
+                f" max {x['max_ms']} ms ({x['requests']} requests, {refused} not 200)")  # fmt: skip
+
+    m = h["mixed"]
+    s = m["stream"]
+    return [
+        f"http (POST /v1/moderate, {h['http_alone']['clients']} closed-loop clients; the endpoint inside the worker):",
+        f"  stream alone: {h['stream_alone_images_per_s']:.2f} images/s",
+        f"  http alone:   {http(h['http_alone'])}",
+        f"  mixed, stream offered {m['stream_pct']}% ({s['offered_per_s']:.2f}/s): http {http(m['http'])}",
+        f"  mixed, stream: {s['achieved_per_s']:.2f} images/s decided,"
+        f" p50 {s.get('p50_ms')} ms, p99 {s.get('p99_ms')} ms (produce to decision)",
+    ]

@@ -21,6 +21,7 @@ from moderator import clients
 from moderator.app import App
 from moderator.bench.animated_run import run_animated_contender
 from moderator.bench.banks_run import run_banks_contender
+from moderator.bench.http_run import run_http_contender
 from moderator.bench.inputs import ImageServer, bench_policy, make_images, prompt_bank
 from moderator.bench.measure import (
     Result,
@@ -218,6 +219,9 @@ def run_bench(
         if "animated" in opts.contenders:
             progress("animated: worker, stills; a 10% animated mix; stills again")
             contenders["animated"] = run_animated_contender(opts, app, distinct, server)
+        if "http" in opts.contenders:
+            progress("http")
+            contenders["http"] = run_http_contender(opts, app, distinct, server, notes)
         for p, run in runs.items():
             run.jpeg_draft = draft_agreement(run, policy, distinct)
             if "worker" in opts.contenders:
@@ -285,7 +289,7 @@ def _kafka_and_redis(
 
 
 def ratios(contenders: dict[str, Any]) -> dict[str, float]:
-    rate = {k: v["images_per_s"] for k, v in contenders.items() if v.get("images_per_s")}
+    rate = {k: v["images_per_s"] for k, v in contenders.items() if v.get("images_per_s")}  # (http: none of its own)
     out = {}
     for a, b in (("worker", "ceiling"), ("worker", "reference"), ("engine", "reference"), ("engine", "ceiling"),
                  ("worker", "engine")):  # fmt: skip

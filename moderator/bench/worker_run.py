@@ -66,7 +66,7 @@ class _Transport:
             raise BenchError(f"{len(left)} of {len(ids)} benchmark events got no decision: {why}")
 
 
-class _KafkaTransport(_Transport):
+class KafkaTransport(_Transport):
     name = "kafka"
 
     def __init__(self, app: App) -> None:
@@ -144,7 +144,7 @@ def run_worker(
         loads = []
         for pct in load_levels:
             rate = throughput * pct / 100
-            phase = _latency_phase(transport, events, rate, load_seconds, f"{run_id}-{pct}", thread.is_alive)
+            phase = latency_phase(transport, events, rate, load_seconds, f"{run_id}-{pct}", thread.is_alive)
             loads.append({"load_pct": pct, **phase})
     finally:
         worker.stop("benchmark done")
@@ -157,7 +157,7 @@ def run_worker(
     }  # fmt: skip
 
 
-def _latency_phase(
+def latency_phase(
     transport: _Transport, events: EventSource, rate: float, seconds: float, tag: str, alive: Callable[[], bool]
 ) -> dict[str, Any]:
     """Events at a fixed rate for ``seconds``; produce-to-decision latency of each."""
@@ -198,7 +198,7 @@ def run_worker_contender(
     events = EventSource(distinct, opts.source, server)
     transport: _Transport
     if opts.feed == "kafka":
-        transport = _KafkaTransport(app)
+        transport = KafkaTransport(app)
         worker = app.worker(banks=banks)
     else:
         feed = QueueFeed(settings.topic("images"), max_poll_records=min(500, settings.max_in_flight))

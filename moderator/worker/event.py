@@ -30,6 +30,18 @@ class ImageEngine(Protocol):
         ...
 
 
+class Reply(Protocol):
+    """Where a synchronous request's result goes (``moderator serve``), instead of the worker's publisher:
+    the request waits for it. Its times are ``time.monotonic()``."""
+
+    due: float  # the micro-batcher runs its batch by then at the latest (the urgent lane)
+    deadline: float  # the requester stops waiting then: an event still unbatched is dropped, not decided
+
+    def decided(self, result: Decided) -> None: ...
+
+    def failed(self, reason: str, message: str) -> None: ...
+
+
 @dataclass
 class Event:
     receipt: Receipt
@@ -45,6 +57,7 @@ class Event:
     pdqs: tuple[PdqHash | None, ...] = ()  # per frame, the PDQ hashes (when the worker hashes)
     frames: FrameSet | None = None  # an animation or a video: what was sampled; None: a still
     timings: dict[str, float] = field(default_factory=dict)
+    reply: Reply | None = None  # a synchronous request's: its results go there, not to the publisher
 
     @property
     def tp(self) -> TopicPartition:

@@ -15,13 +15,12 @@ from moderator.config import Settings
 from moderator.errors import ReasonError
 from moderator.events import parse_event
 from moderator.fetch import Fetcher
-from moderator.images import ImageLimits
 from moderator.policy import PolicyRegistry
 from moderator.worker.checkpoint import Checkpoint, describe
 from moderator.worker.event import Decided, Event, ImageEngine
 from moderator.worker.outputs import Outputs, Publisher
 from moderator.worker.rebalance import RebalanceListener, rebalance_wait_budget
-from moderator.worker.stages import BatchStage, ImageStage, decode_before_forward
+from moderator.worker.stages import build_stages
 
 log = obs.get_logger(__name__)
 
@@ -62,27 +61,21 @@ class Worker:
         self.checkpoint = Checkpoint(consumer, settings.max_in_flight, settings.commit_interval_ms / 1000)
         self.outputs = Outputs(settings)
         self.publisher = Publisher(producer, self.checkpoint, settings.publish_retries)
-        self.images = ImageStage(
-            self, fetcher, ImageLimits.from_settings(settings, engine.tower.precision), engine,
-            fetch_threads=settings.fetch_threads, decode_threads=settings.decode_threads,
-            decode_with_batch=decode_before_forward(settings.decode_schedule, engine.device),
-            hash_pdq=settings.pdq_enabled,
-        )  # fmt: skip
-        self.batches = BatchStage(
-            self, self.images, engine, registry, banks, max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
-            embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
-            review_include_flagged=settings.review_include_flagged,
-            video_bank_min_frames=settings.video_bank_min_frames,
-        )  # fmt: skip
+        self.images, self.batches = build_stages(self, settings, engine, registry, banks, fetcher)
         self._stopping = threading.Event()
         self.assigned = self.checkpoint.assigned  # set while partitions are assigned (readiness)
 
     # --- the stages' sink ---------------------------------------------------------------------------
     def decided(self, result: Decided) -> None:
+        if result.event.reply is not None:  # a synchronous request beside the stream (moderator serve)
+            result.event.reply.decided(result)
+            return
         self.publisher.send(result.event, self.outputs.decided(result))
 
     def failed(self, e: Event, reason: str, message: str) -> None:
+        if e.reply is not None:  # answered to its requester, not dead-lettered
+            e.reply.failed(reason, message)
+            return
         self.publisher.send(e, [self.outputs.dead_letter(e, reason, message)])
 
     # --- the consumer's thread --------------------------------------------------------------------

@@ -27,6 +27,7 @@ from moderator import observability as obs
 from moderator.banks.index import Hit
 from moderator.banks.store import Banks
 from moderator.batcher import MicroBatcher
+from moderator.config import Settings
 from moderator.errors import ReasonError
 from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
@@ -207,13 +208,13 @@ class BatchStage:
                 if item is None:
                     closing = True
                 else:
-                    batcher.add(item, time.monotonic(), _rows(item))
+                    batcher.add(item, time.monotonic(), item.reply.due if item.reply else None, _rows(item))
                 while batcher.weight < batcher.max_size:  # take whatever else is already waiting
                     item = ready.get_nowait()
                     if item is None:
                         closing = True
                         break
-                    batcher.add(item, time.monotonic(), _rows(item))
+                    batcher.add(item, time.monotonic(), item.reply.due if item.reply else None, _rows(item))
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -229,6 +230,9 @@ class BatchStage:
                 return
 
     def run(self, events: list[Event], waited: list[float]) -> None:
+        events, waited = self.drop_expired(events, waited)
+        if not events:
+            return
         if self._decoder is not None:  # every core decodes the batch, then every core runs the model
             good = list(self._decoder.map(self.images.decode, events))
             events = [e for e, ok in zip(events, good, strict=True) if ok]
@@ -324,6 +328,17 @@ class BatchStage:
                 obs.END_TO_END.observe(max(0.0, e2e / 1000))
         obs.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - t2)
 
+    def drop_expired(self, events: list[Event], waited: list[float]) -> tuple[list[Event], list[float]]:
+        """Synchronous requests whose requester stopped waiting are not decided (it was answered 503)."""
+        now = time.monotonic()
+        if not any(e.reply is not None and now >= e.reply.deadline for e in events):
+            return events, waited
+        keep = [e.reply is None or now < e.reply.deadline for e in events]
+        for e, ok in zip(events, keep, strict=True):
+            if not ok:
+                self.sink.failed(e, "timeout", "the request's deadline passed before its batch ran")
+        return [e for e, k in zip(events, keep, strict=True) if k], [w for w, k in zip(waited, keep, strict=True) if k]
+
     def bank_hits(self, snapshot: PolicySet, events: list[Event], embeds: torch.Tensor) -> list[list[Hit]] | None:
         """Each row's bank hits (a frame of an animation is a row), one search for the batch at the
         widest thresholds of the policies that serve now (each policy's rules then keep the hits within
@@ -342,3 +357,23 @@ class BatchStage:
         hits = index.search(hashes, embeds, max(distances, default=None), min(cosines, default=None))
         obs.STAGE_SECONDS.labels(stage="banks").observe(time.perf_counter() - t0)
         return hits
+
+
+def build_stages(
+    sink: Sink, settings: Settings, engine: ImageEngine, registry: PolicyRegistry, banks: Banks, fetcher: Fetcher
+) -> tuple[ImageStage, BatchStage]:
+    """The image and batch stages as the settings say (the stream worker's; ``moderator serve``'s alone)."""
+    images = ImageStage(
+        sink, fetcher, ImageLimits.from_settings(settings, engine.tower.precision), engine,
+        fetch_threads=settings.fetch_threads, decode_threads=settings.decode_threads,
+        decode_with_batch=decode_before_forward(settings.decode_schedule, engine.device),
+        hash_pdq=settings.pdq_enabled,
+    )  # fmt: skip
+    batches = BatchStage(
+        sink, images, engine, registry, banks, max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
+        embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
+        review_include_flagged=settings.review_include_flagged,
+        video_bank_min_frames=settings.video_bank_min_frames,
+    )  # fmt: skip
+    return images, batches

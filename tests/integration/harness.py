@@ -32,9 +32,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``moderator run`` in a subprocess, its log in a file."""
+    """``moderator run`` (or another long-running ``command``: ``serve``) in a subprocess, its log in a file."""
 
-    def __init__(self, settings: Settings, log_path: Path, **overrides: Any) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: str = "run", **overrides: Any) -> None:
         self.settings = settings.model_copy(update=overrides) if overrides else settings
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -46,7 +46,7 @@ class WorkerProcess:
             env["MODERATOR_HTTP_PORT"] = "0"
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moderator.cli", "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "moderator.cli", command], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def events(self) -> list[dict[str, Any]]:

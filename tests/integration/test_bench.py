@@ -94,6 +94,29 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
     json.dumps(report)  # every figure is plain JSON
 
 
+def test_bench_http_contender_under_a_mixed_load(kafka_service, redis_service, tiny_clip_dir):
+    """The endpoint inside the worker: HTTP alone, then HTTP beside stream events at half the stream's measured
+    capacity; every phase's figures are there and consistent."""
+    opts = BenchOptions(
+        arch="tiny", model=str(tiny_clip_dir), images=64, distinct=8, batch=8, contenders=("http",),
+        load_seconds=2, http_clients=2, kafka_bootstrap=kafka_service.bootstrap_servers,
+        kafka_api_version=kafka_service.api_version, redis_url=redis_service.url,
+    )  # fmt: skip
+    report = run_bench(opts, create_topics=kafka_service.create_topics)
+    h = report["contenders"]["http"]
+    assert h["stream_alone_images_per_s"] > 0
+    for x in (h["http_alone"], h["mixed"]["http"]):
+        assert x["clients"] == 2 and x["requests"] >= 2 and x["statuses"].get("200", 0) >= 2
+        assert 0 < x["p50_ms"] <= x["p95_ms"] <= x["p99_ms"] <= x["max_ms"] and x["decided_per_s"] > 0
+    stream = h["mixed"]["stream"]
+    assert h["mixed"]["stream_pct"] == 50
+    assert stream["offered_per_s"] == pytest.approx(h["stream_alone_images_per_s"] / 2, rel=0.01)
+    assert stream["decided"] == stream["events"] and stream["achieved_per_s"] > 0
+    table = render_table(report)
+    assert "http alone" in table and "mixed, stream" in table
+    json.dumps(report)
+
+
 def test_bench_url_source_through_the_in_process_feed(tiny_clip_dir):
     opts = BenchOptions(
         arch="tiny", model=str(tiny_clip_dir), images=48, distinct=8, batch=8, source="url", feed="queue",

@@ -274,11 +274,11 @@ def test_a_later_frame_decides_and_every_trigger_names_its_frame():
 def test_batches_are_full_by_rows():
     batcher: MicroBatcher[str] = MicroBatcher(max_size=10, max_delay_s=1.0)
     for name, weight in [("a", 1), ("gif", 8), ("b", 1), ("c", 1)]:
-        batcher.add(name, 0.0, weight)
+        batcher.add(name, 0.0, weight=weight)
     assert batcher.ready(0.0) and batcher.weight == 11
     assert [p.item for p in batcher.take(0.0)] == ["a", "gif", "b"]
     assert [p.item for p in batcher.take(0.0, force=True)] == ["c"] and batcher.weight == 0
-    batcher.add("huge", 0.0, 30)  # heavier than a batch: alone
+    batcher.add("huge", 0.0, weight=30)  # heavier than a batch: alone
     assert [p.item for p in batcher.take(0.0)] == ["huge"]
 
 

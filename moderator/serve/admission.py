@@ -1,0 +1,82 @@
+"""The admission queue: how many images the endpoint holds at once, and who is turned away (pure).
+
+A request of ``n`` images is admitted when the images already admitted and not yet answered, plus
+``n``, stay within ``capacity``; and, once the endpoint has measured how fast it answers, when the
+wait that pace predicts for it fits before its deadline. The pace is images answered per second of
+*busy* time (while anything was pending), so that an idle hour does not read as a slow endpoint.
+Otherwise it is refused at once with a ``Retry-After`` (the time the pending images should take to
+drain, 1 s to 60 s): under overload a request gets 503 in microseconds, never a wait it cannot
+survive. The caller passes the time and calls :meth:`Admission.release` when a request is answered
+(decided, failed or timed out).
+
+One thread uses it (the endpoint's event loop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+PACE_WINDOW = 256  # answers (requests) the pace is measured over
+PACE_MIN_SAMPLES = 8  # fewer images answered in the window: no prediction yet, only the capacity bound
+
+
+@dataclass(frozen=True)
+class Refusal:
+    why: str  # "full" | "too_slow"
+    retry_after_s: int
+    predicted_wait_s: float | None
+
+
+class Admission:
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.pending = 0
+        self._busy_s = 0.0  # time with images pending, in all
+        self._changed = 0.0  # when pending last changed
+        self._answered: deque[tuple[float, int]] = deque(maxlen=PACE_WINDOW)  # (busy time, images) per answer
+
+    def _tick(self, now: float) -> float:
+        if self.pending > 0:
+            self._busy_s += max(0.0, now - self._changed)
+        self._changed = now
+        return self._busy_s
+
+    def pace(self, now: float) -> float | None:
+        """Images answered per busy second between the window's first answer and its last (None until
+        enough were)."""
+        if len(self._answered) < 2:
+            return None
+        images = sum(n for _, n in list(self._answered)[1:])
+        span = self._answered[-1][0] - self._answered[0][0]
+        return images / span if images >= PACE_MIN_SAMPLES and span > 0 else None
+
+    def predicted_wait(self, n: int, now: float) -> float | None:
+        pace = self.pace(now)
+        return None if pace is None else (self.pending + n) / pace
+
+    def admit(self, n: int, now: float, deadline: float) -> Refusal | None:
+        """Admit ``n`` images (None) or say why not."""
+        wait = self.predicted_wait(n, now)
+        if self.pending + n > self.capacity:
+            return Refusal("full", self._retry_after(wait), wait)
+        if wait is not None and self.pending > 0 and now + wait > deadline:
+            return Refusal("too_slow", self._retry_after(wait), wait)
+        self._tick(now)
+        self.pending += n
+        return None
+
+    def release(self, n: int, now: float, answered: bool) -> None:
+        """``n`` admitted images left: ``answered`` when they were decided or failed (they count in the
+        pace), not when their request timed out."""
+        busy = self._tick(now)
+        self.pending = max(0, self.pending - n)
+        if answered:
+            self._answered.append((busy, n))
+
+    @staticmethod
+    def _retry_after(wait: float | None) -> int:
+        return min(60, max(1, math.ceil(round(wait, 6)))) if wait is not None else 1
