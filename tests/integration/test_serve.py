@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import requests
 import schemathesis
@@ -300,6 +301,26 @@ def test_audit_samples_and_review_items_are_published(served):
     for i in going:
         item = json.loads(review[i][0])
         assert item["sampled"] == recs[i]["sampled"] and item["image"]["sha256"] == recs[i]["image_sha256"]
+
+
+def test_answers_match_the_openapi_document(served):
+    """A decision and an OpenAI-shaped answer validate against /openapi.json's response schemas (schemathesis
+    never makes a decodable image, so its run checks the error answers)."""
+    doc = served.request("GET", "/openapi.json").json()
+
+    def validator(path: str) -> Any:
+        ok = doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        return jsonschema_rs.validator_for({**ok, "components": doc["components"]})
+
+    data = base64.b64encode(image(60)).decode()
+    r = served.post("/v1/moderate", {"image": {"data": data}, "metadata": {"k": [1, "v"]}})
+    assert r.status_code == 200, r.text
+    validator("/v1/moderate").validate(r.json())
+    m = served.post("/v1/moderations", {"input": [{"type": "image_url", "image_url": {"url": data_url(image(61))}}]})
+    assert m.status_code == 200, m.text
+    validator("/v1/moderations").validate(m.json())
+    assert not validator("/v1/moderate").is_valid({**r.json(), "decision": "maybe"})  # the check can fail
+    assert not validator("/v1/moderations").is_valid({**m.json(), "results": [{"flagged": True}]})
 
 
 @pytest.mark.parametrize(
