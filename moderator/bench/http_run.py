@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -96,7 +97,8 @@ def run_http_contender(
     if opts.feed != "kafka":
         raise BenchError("the http contender publishes every decision to Kafka: --feed kafka")
     key = new_key()
-    keys = Path(tempfile.mkdtemp(prefix="moderator-bench-keys-")) / "keys.txt"
+    keys_dir = Path(tempfile.mkdtemp(prefix="moderator-bench-keys-"))
+    keys = keys_dir / "keys.txt"
     keys.write_text(key_line("bench", key, "100000/s") + "\n")
     settings = app.settings.model_copy(update={
         "serve_keys_file": keys, "serve_host": "127.0.0.1", "serve_port": 0, "serve_burst": 100_000,
@@ -146,6 +148,7 @@ def run_http_contender(
         transport.close()
         served.policies.stop()
         served.close()
+        shutil.rmtree(keys_dir, ignore_errors=True)
     notes.append(
         f"http: {opts.http_clients} closed-loop clients of POST /v1/moderate (inline images) in this process, on"
         " the worker's cores; every sync decision is published (decisions, embeddings, review) before it is answered"

@@ -257,7 +257,10 @@ class Decider:
                 item.id.encode(), value, None, now,
                 parsed=ParsedEvent(item.id, item.policy, item.metadata, data, item.url), reply=reply,
             )  # fmt: skip
-            self.submit(event)
+            try:
+                self.submit(event)
+            except RuntimeError:  # the stages are shutting down
+                raise Overloaded("the endpoint is stopping; retry on another replica", retry_after_s=1) from None
             record = await asyncio.shield(future)
         finally:
             self._in_flight.pop((item.id, sha), None)

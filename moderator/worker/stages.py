@@ -209,8 +209,8 @@ class BatchStage:
                     closing = True
                 else:
                     batcher.add(item, time.monotonic(), item.reply.due if item.reply else None, _rows(item))
-                while batcher.weight < batcher.max_size:  # take whatever else is already waiting
-                    item = ready.get_nowait()
+                while True:  # take whatever else is already waiting: a request's event behind a backlog of
+                    item = ready.get_nowait()  # the stream's goes to the urgent lane now, not batches later
                     if item is None:
                         closing = True
                         break

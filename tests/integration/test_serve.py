@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import requests
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from kafka import TopicPartition
@@ -61,6 +63,9 @@ def serve_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = [key_line("tests", KEY), key_line("slow", SLOW_KEY, "1/min"), key_line("fuzz", FUZZ_KEY, "100000/s")]
     (d / "keys.txt").write_text("# test keys\n" + "\n".join(lines) + "\n")
     shutil.copytree(ROOT / "policies", d / "policies")
+    audited = yaml.safe_load((ROOT / "policies" / "kids-platform.yaml").read_text())
+    audited.update(name="kids-audited", audit={"allow": 0.5, "flag": 0.5}, default=False)
+    (d / "policies" / "kids-audited.yaml").write_text(yaml.safe_dump(audited))
     return d
 
 
@@ -260,8 +265,16 @@ def test_moderate_returns_the_published_record_and_retries_get_it_again(served):
     assert other.status_code == 200 and "x-moderator-replayed" not in other.headers
     assert json.loads(other.content)["image_sha256"] == hashlib.sha256(image(11)).hexdigest()
 
-    published = records_by_id(s, "decisions", {"m-1"})
+    # The same id and bytes three times at once: one decision, the three answers the same record.
+    same = {**body, "id": "m-2"}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: served.post("/v1/moderate", same), range(3)))
+    assert [a.status_code for a in answers] == [200] * 3 and len({a.content for a in answers}) == 1
+    assert sum(a.headers.get("x-moderator-replayed") == "true" for a in answers) == 2
+
+    published = records_by_id(s, "decisions", {"m-1", "m-2"})
     assert len(published["m-1"]) == 2  # one per distinct image: the retry published nothing
+    assert published["m-2"] == [answers[0].content]
     assert published["m-1"][0] == first.content  # byte for byte what the decisions topic carries
     embeddings = records_by_id(s, "embeddings", {"m-1"})
     assert json.loads(embeddings["m-1"][0])["live"]["scores"] == record["scores"]
@@ -272,17 +285,42 @@ def test_moderate_returns_the_published_record_and_retries_get_it_again(served):
 
 
 def test_audit_samples_and_review_items_are_published(served):
-    """Every decision that goes to review by the policy's design has its review item on the review topic."""
+    """Every decision that goes to review by the policy's design (here: half the allow and flag decisions
+    audited) has its review item on the review topic, and no other does."""
     ids = {f"r-{i}" for i in range(12)}
     recs = {}
     for i in range(12):
         r = served.post("/v1/moderate", {"id": f"r-{i}", "image": {"data": base64.b64encode(image(20 + i)).decode()},
-                                         "policy": "kids-platform"})  # fmt: skip
+                                         "policy": "kids-audited"}, key=FUZZ_KEY)  # fmt: skip
         assert r.status_code == 200, r.text
         recs[f"r-{i}"] = r.json()
     going = {i for i, r in recs.items() if r["review_probability"] == 1 or r["sampled"]}
-    review = records_by_id(served.settings, "review", going, timeout=10 if going else 2)
+    assert going and any(r["sampled"] for r in recs.values())  # the audit draw by event id: fixed, not random
+    review = records_by_id(served.settings, "review", going)  # published before answered: all there already
     assert set(review) & ids == going
+    for i in going:
+        item = json.loads(review[i][0])
+        assert item["sampled"] == recs[i]["sampled"] and item["image"]["sha256"] == recs[i]["image_sha256"]
+
+
+def test_answers_match_the_openapi_document(served):
+    """A decision and an OpenAI-shaped answer validate against /openapi.json's response schemas (schemathesis
+    never makes a decodable image, so its run checks the error answers)."""
+    doc = served.request("GET", "/openapi.json").json()
+
+    def validator(path: str) -> Any:
+        ok = doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        return jsonschema_rs.validator_for({**ok, "components": doc["components"]})
+
+    data = base64.b64encode(image(60)).decode()
+    r = served.post("/v1/moderate", {"image": {"data": data}, "metadata": {"k": [1, "v"]}})
+    assert r.status_code == 200, r.text
+    validator("/v1/moderate").validate(r.json())
+    m = served.post("/v1/moderations", {"input": [{"type": "image_url", "image_url": {"url": data_url(image(61))}}]})
+    assert m.status_code == 200, m.text
+    validator("/v1/moderations").validate(m.json())
+    assert not validator("/v1/moderate").is_valid({**r.json(), "decision": "maybe"})  # the check can fail
+    assert not validator("/v1/moderations").is_valid({**m.json(), "results": [{"flagged": True}]})
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,10 @@ batcher's urgent lane, reason codes to statuses."""
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -16,6 +20,8 @@ from moderator.serve.admission import Admission
 from moderator.serve.errors import STATUS, status_of
 from moderator.serve.keys import Keys, KeysError, bearer, key_line, new_key, parse_rate
 from moderator.serve.limits import RateLimiter, TokenBucket
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # --- admission ----------------------------------------------------------------------------------------
 
@@ -253,3 +259,82 @@ def test_only_overload_and_bugs_are_5xx():
     assert {r for r, code in STATUS.items() if code >= 500} == {"internal_error", "publish_failed", "overloaded",
                                                                "timeout"}  # fmt: skip
     assert status_of("some_new_image_reason") == 422 and status_of("fetch_failed") == 422
+
+
+# --- a request's event in the stream's batch stage ---------------------------------------------------
+
+
+class _Sink:
+    """The stages' sink of this test: what was decided, in order."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.done = threading.Event()
+        self.want = 0
+
+    def decided(self, result: Any) -> None:
+        if result.event.reply is not None:
+            result.event.reply.decided(result)
+        self.order.append(result.event.parsed.id)
+        if len(self.order) >= self.want:
+            self.done.set()
+
+    def failed(self, e: Any, reason: str, message: str) -> None:
+        raise AssertionError(f"{e.parsed.id}: {reason}: {message}")
+
+
+class _Waiting:
+    """A request's side of :class:`moderator.worker.event.Reply`: it only records its decision."""
+
+    def __init__(self, due: float, deadline: float) -> None:
+        self.due, self.deadline = due, deadline
+        self.results: list[Any] = []
+
+    def decided(self, result: Any) -> None:
+        self.results.append(result)
+
+    def failed(self, reason: str, message: str) -> None:
+        raise AssertionError(reason)
+
+
+def test_a_request_behind_a_backlog_goes_in_the_next_batch(tiny_engine):
+    """64 stream events wait (bytes, decoded when their batch runs) and a request's event arrives last: the
+    batch stage takes it into the urgent lane at once, so it is in the first batch, not the ninth."""
+    from kafka import TopicPartition
+
+    from moderator.app import App
+    from moderator.banks.store import FixedBanks
+    from moderator.config import Settings
+    from moderator.events import ParsedEvent
+    from moderator.samples import jpeg_bytes, photo_like
+    from moderator.worker.checkpoint import Receipt
+    from moderator.worker.event import Event
+    from moderator.worker.stages import build_stages
+
+    settings = Settings(policy_dir=ROOT / "policies", redis_enabled=False, banks_enabled=False, max_batch_size=8,
+                        max_delay_ms=5, decode_schedule="before_forward")  # fmt: skip
+    app = App(settings, engine=tiny_engine)
+    sink = _Sink()
+    images, batches = build_stages(sink, settings, tiny_engine, app.policies, FixedBanks(), app.fetcher)
+
+    def event(i: int, reply: Any = None) -> Event:
+        data = jpeg_bytes(photo_like(40, 30, seed=i))
+        e = Event(Receipt(TopicPartition("t", 0), i, tracked=False), None, b"", None, time.monotonic(),
+                  parsed=ParsedEvent(f"e{i}", None, {}, data, None), reply=reply)  # fmt: skip
+        e.data = data
+        return e
+
+    for i in range(64):
+        images.ready.put(event(i))
+    now = time.monotonic()
+    waiting = _Waiting(due=now + 5, deadline=now + 10)
+    images.ready.put(event(64, waiting))
+    sink.want = 65
+    batches.start()
+    try:
+        assert sink.done.wait(60)
+    finally:
+        batches.stop(10)
+        images.close()
+    assert len(waiting.results) == 1 and sink.order.index("e64") < 8
+    assert sorted(sink.order) == sorted(f"e{i}" for i in range(65))
