@@ -30,29 +30,40 @@ class Refusal:
 
 
 class Admission:
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
+    def __init__(self, capacity: int, batch_size: int = 1) -> None:
+        if capacity < 1 or batch_size < 1:
+            raise ValueError("capacity and batch_size must be >= 1")
         self.capacity = capacity
+        self.batch_size = batch_size
         self.pending = 0
         self._busy_s = 0.0  # time with images pending, in all
+        self._load = 0.0  # pending images x seconds, in all (its ratio to busy time: the mean queue)
         self._changed = 0.0  # when pending last changed
-        self._answered: deque[tuple[float, int]] = deque(maxlen=PACE_WINDOW)  # (busy time, images) per answer
+        # (busy time, load, images) at each answer
+        self._answered: deque[tuple[float, float, int]] = deque(maxlen=PACE_WINDOW)
 
-    def _tick(self, now: float) -> float:
+    def _tick(self, now: float) -> tuple[float, float]:
         if self.pending > 0:
-            self._busy_s += max(0.0, now - self._changed)
+            dt = max(0.0, now - self._changed)
+            self._busy_s += dt
+            self._load += dt * self.pending
         self._changed = now
-        return self._busy_s
+        return self._busy_s, self._load
 
     def pace(self, now: float) -> float | None:
-        """Images answered per busy second between the window's first answer and its last (None until
-        enough were)."""
+        """Images the endpoint can answer per second, from those answered per busy second between the
+        window's first answer and its last (None until enough were). A pace measured with fewer images
+        pending than a batch holds is scaled up to a full batch's: requests one at a time say little of
+        what a burst of them costs, since they share batches (an estimate that errs towards admitting; the
+        deadline bounds the wait either way)."""
         if len(self._answered) < 2:
             return None
-        images = sum(n for _, n in list(self._answered)[1:])
+        images = sum(n for _, _, n in list(self._answered)[1:])
         span = self._answered[-1][0] - self._answered[0][0]
-        return images / span if images >= PACE_MIN_SAMPLES and span > 0 else None
+        if images < PACE_MIN_SAMPLES or span <= 0:
+            return None
+        queue = (self._answered[-1][1] - self._answered[0][1]) / span  # mean images pending while busy
+        return images / span * max(1.0, self.batch_size / max(queue, 1.0))
 
     def predicted_wait(self, n: int, now: float) -> float | None:
         pace = self.pace(now)
@@ -72,10 +83,10 @@ class Admission:
     def release(self, n: int, now: float, answered: bool) -> None:
         """``n`` admitted images left: ``answered`` when they were decided or failed (they count in the
         pace), not when their request timed out."""
-        busy = self._tick(now)
+        busy, load = self._tick(now)
         self.pending = max(0, self.pending - n)
         if answered:
-            self._answered.append((busy, n))
+            self._answered.append((busy, load, n))
 
     @staticmethod
     def _retry_after(wait: float | None) -> int:

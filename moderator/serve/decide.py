@@ -181,7 +181,7 @@ class Decider:
         self.store = store
         self.outputs = Outputs(settings)
         self.requests_topic = settings.topic("requests")
-        self.admission = Admission(settings.serve_max_pending)
+        self.admission = Admission(settings.serve_max_pending, settings.max_batch_size)
         self._io = ThreadPoolExecutor(max(4, settings.fetch_threads), thread_name_prefix="serve-io")
         self._in_flight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
 

@@ -52,6 +52,24 @@ def test_admission_refuses_what_the_measured_pace_cannot_serve_in_time():
     assert a.admit(10, t, t + 5.0) is None  # 4 s fits in 5
 
 
+def test_a_pace_measured_one_at_a_time_is_scaled_to_a_full_batch():
+    a = Admission(capacity=100, batch_size=8)
+    t = 0.0
+    for _ in range(20):  # one at a time, 0.1 s each: 10 per busy second, with one image pending
+        assert a.admit(1, t, t + 5) is None
+        t += 0.1
+        a.release(1, t, answered=True)
+    assert a.pace(t) == pytest.approx(80.0)  # a batch of 8 would have shared each 0.1 s
+    assert a.admit(40, t, t + 1.0) is None  # a burst of 40: 0.5 s predicted, within 1 s
+    # Saturated: 16 pending all the time, 20 answered per second: the pace is what was measured.
+    b = Admission(capacity=100, batch_size=8)
+    assert b.admit(16, 0.0, 100.0) is None
+    for i in range(1, 41):
+        b.release(1, i * 0.05, answered=True)
+        assert b.admit(1, i * 0.05, 100.0) is None
+    assert b.pace(2.0) == pytest.approx(20.0)
+
+
 def test_an_idle_hour_does_not_read_as_a_slow_endpoint():
     a = Admission(capacity=100)
     for i in range(10):
