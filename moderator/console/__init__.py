@@ -129,7 +129,9 @@ class Console:
             self.queue, self.service, self.sessions,
         )  # fmt: skip
         self.health = HealthServer(s.http_host, s.http_port) if health else None
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only when the listening
+        # socket says it is TCP; without it every answer waits ~40 ms for the client's delayed ACK.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((s.console_host, s.console_port))
         self._sock.listen(128)
