@@ -159,6 +159,7 @@ def kafka_service(request: pytest.FixtureRequest) -> KafkaService:
     if external:
         return KafkaService(external, os.environ.get("MODERATOR_TEST_KAFKA_API_VERSION", "").strip() or None)
     stack: LocalStack = request.getfixturevalue("local_stack")
+    stack.broker = os.environ.get("MODERATOR_TEST_BROKER", "").strip() or "kafka"  # kafka (0.9) or tansu
     info = stack.start(kafka=True, redis=False)
     assert info.kafka_bootstrap is not None
     return KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack)

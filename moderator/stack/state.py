@@ -32,7 +32,7 @@ class StackInfo:
     kafka_bootstrap: str | None = None  # "127.0.0.1:PORT"
     kafka_api_version: str | None = None  # "0.9" for the legacy broker; None: clients probe
     kafka_version: str | None = None  # the broker's release, e.g. "0.9.0.1"
-    kafka_mode: str | None = None  # "zookeeper" | "kraft"
+    kafka_mode: str | None = None  # "zookeeper" | "kraft" | "tansu"
     zookeeper: str | None = None  # "127.0.0.1:PORT" (zookeeper mode only)
     redis_url: str | None = None  # "redis://127.0.0.1:PORT/0"
     pids: Mapping[str, int] = field(default_factory=dict)

@@ -129,3 +129,55 @@ def test_up_status_down(tmp_path: Path, data_dir: Path, tools_present: None) -> 
     after = _cli("status", "--dir", str(data_dir), timeout=60)
     assert after.returncode == 1
     assert json.loads(after.stdout)["up"] is False
+
+
+def test_up_with_the_tansu_broker_speaks_headers_idempotence_and_transactions(tmp_path: Path, data_dir: Path) -> None:
+    """`stack up --broker tansu`: the registry's topics on a Tansu broker that the project's own
+    clients probe as modern (idempotent producing turns on by itself), with record headers and
+    transactions (a read_committed reader never sees the aborted one); `stack down` stops it."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from moderator.clients import make_producer
+
+    env_file = tmp_path / "tansu.env"
+    up = _cli("up", "--dir", str(data_dir), "--broker", "tansu", "--partitions", "2", "--env-file", str(env_file))
+    state = read_state(data_dir)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert state is not None and {p["name"] for p in state["processes"]} == {"redis", "kafka"}
+        assert state["info"]["kafka_mode"] == "tansu"
+        env = parse_env_file(env_file.read_text())
+        assert env["MODERATOR_KAFKA_API_VERSION"] == ""  # probed
+        settings = Settings(kafka_bootstrap_servers=env["MODERATOR_KAFKA_BOOTSTRAP_SERVERS"],
+                            kafka_api_version=None, redis_url=env["MODERATOR_REDIS_URL"])  # fmt: skip
+        assert settings.idempotence
+        topic = settings.topic("decisions")
+        producer = make_producer(settings)
+        try:
+            producer.send(topic, key=b"e-1", value=b"{}", headers=[("moderator-event-id", b"e-1")]).get(timeout=30)
+        finally:
+            producer.close()
+        bootstrap = settings.kafka_bootstrap_servers.split(",")
+        tx = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"t-{data_dir.name}")
+        try:
+            tx.init_transactions()
+            tx.begin_transaction()
+            tx.send(topic, key=b"e-2", value=b"committed")
+            tx.commit_transaction()
+            tx.begin_transaction()
+            tx.send(topic, key=b"e-3", value=b"aborted")
+            tx.abort_transaction()
+        finally:
+            tx.close()
+        reader = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                               isolation_level="read_committed", consumer_timeout_ms=5000)  # fmt: skip
+        try:
+            seen = {r.key: (r.value, dict(r.headers)) for r in reader}
+        finally:
+            reader.close()
+        assert set(seen) == {b"e-1", b"e-2"}
+        assert seen[b"e-1"][1] == {"moderator-event-id": b"e-1"}
+    finally:
+        down = _cli("down", "--dir", str(data_dir), timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert read_state(data_dir) is None
