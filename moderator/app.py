@@ -225,7 +225,7 @@ class App:
         if endpoint is not None:
 
             def stop(signum: int, frame: Any) -> None:  # the endpoint stops taking requests, then the worker
-                endpoint.server.should_exit = True
+                endpoint.web_server.request_stop()
                 worker.stop(f"signal {signum}")
 
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -250,7 +250,7 @@ def cmd_console(args: argparse.Namespace) -> int:
                  f"Sign in at {console.url} as {name} / {password}"]  # fmt: skip
         print("\n".join([bar, *(f"! {line}" for line in lines), bar]), file=sys.stderr, flush=True)
     print(f"moderator console: {console.url}", flush=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(console.server, "should_exit", True))
+    signal.signal(signal.SIGTERM, lambda signum, frame: console.web_server.request_stop())
     try:
         console.wait()
     except KeyboardInterrupt:

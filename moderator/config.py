@@ -21,7 +21,8 @@ from moderator.topics import spec as topic_spec
 
 ENV_PREFIX = "MODERATOR_"
 
-ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MP4", "WEBM"]  # MP4, WEBM: videos (opt-in)
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MP4", "WEBM"]
+VIDEO_FORMATS = ("MP4", "WEBM")  # videos (opt-in; moderator/video.py)
 
 
 class ConfigError(Exception):
@@ -300,7 +301,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _video(self) -> Settings:
-        videos = [f for f in self.image_formats if f in ("MP4", "WEBM")]
+        videos = [f for f in self.image_formats if f in VIDEO_FORMATS]
         if videos and importlib.util.find_spec("av") is None:
             raise ValueError(f"MODERATOR_IMAGE_FORMATS names {', '.join(videos)}: videos need PyAV, the `video` extra "
                              "(pip install 'moderator[video]'), or leave those formats out")  # fmt: skip

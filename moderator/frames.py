@@ -57,7 +57,7 @@ def sample_frames(durations_ms: Sequence[float], k: int) -> list[int]:
         return list(range(n))
     if k <= 1:
         return [0]
-    starts = np.concatenate([[0.0], np.cumsum(np.asarray(durations_ms, dtype=np.float64))[:-1]]).tolist()
+    starts = timestamps(durations_ms)
     total = starts[-1] + float(durations_ms[-1])
     picked = {0, n - 1}
     for j in range(1, k - 1):

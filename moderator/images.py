@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -316,10 +316,12 @@ def load_image(
 ) -> np.ndarray:
     """Bytes to model-ready ``uint8 [H, W, 3]``; raises :class:`ImageError` (and counts it).
 
-    The seconds spent decoding and preprocessing go to ``moderator_stage_seconds`` (stages
-    ``decode`` and ``preprocess``) and, when given, into ``timings`` under the same names.
+    An animation or a video gives its first frame (:func:`load_frames` gives the sampled ones). The
+    seconds spent decoding and preprocessing go to ``moderator_stage_seconds`` (stages ``decode`` and
+    ``preprocess``) and, when given, into ``timings`` under the same names.
     """
-    return _load(data, limits, spec, timings, with_pdq=False)[0]
+    first: np.ndarray = load_frames(data, replace(limits, frames_sampled=1), spec, timings, with_pdq=False).pixels[0]
+    return first
 
 
 @dataclass(frozen=True)
@@ -378,31 +380,6 @@ def _pdq(img: Image.Image) -> PdqHash | None:
     except Exception as exc:
         log.warning("pdq_failed", error=f"{type(exc).__name__}: {exc}", size=img.size)
         return None
-
-
-def _load(
-    data: bytes, limits: ImageLimits, spec: PreprocessSpec, timings: dict[str, float] | None, with_pdq: bool
-) -> tuple[np.ndarray, PdqHash | None]:  # a still's path (the first frame of anything else)
-    try:
-        t0 = time.perf_counter()
-        img = decode(data, limits, spec)
-        t1 = time.perf_counter()
-        out = preprocess(img, spec)
-        t2 = time.perf_counter()
-    except ImageError as exc:
-        IMAGE_ERRORS.labels(reason=exc.reason).inc()
-        raise
-    pdq = _pdq(img) if with_pdq else None
-    t3 = time.perf_counter()
-    STAGE_SECONDS.labels(stage="decode").observe(t1 - t0)
-    STAGE_SECONDS.labels(stage="preprocess").observe(t2 - t1)
-    if with_pdq:
-        STAGE_SECONDS.labels(stage="pdq").observe(t3 - t2)
-    if timings is not None:
-        timings["decode"] = t1 - t0
-        timings["preprocess"] = t2 - t1
-        timings["pdq"] = t3 - t2
-    return out, pdq
 
 
 class ImageLoader:

@@ -131,3 +131,15 @@ def video_bytes(frames: list[np.ndarray], fmt: str = "mp4", fps: int = 2, keyfra
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def many_frames_gif(frames: int, width: int, height: int) -> bytes:
+    """A GIF of ``frames`` distinct (so that none is merged) palette frames of ``width`` x ``height``,
+    made quickly: for limits and adversarial tests (3,000 frames, huge frames)."""
+    base = Image.new("P", (width, height))
+    images = []
+    for k in range(frames):
+        f = base.copy()
+        f.putpixel((k % width, (k // width) % height), 1 + k % 250)
+        images.append(f)
+    return _save(images[0], "GIF", save_all=True, append_images=images[1:], duration=20, loop=0, optimize=False)

@@ -23,8 +23,6 @@ from PIL import Image
 from moderator.frames import FrameSet, SampledFrame, sample_frames
 from moderator.images import CorruptImage, ImageLimits, ImageTooLarge, TooManyFrames, UnsupportedFormat
 
-VIDEO_FORMATS = ("MP4", "WEBM")
-
 
 class CorruptVideo(CorruptImage):
     reason = "corrupt_video"
@@ -41,14 +39,6 @@ def sniff(data: bytes) -> str | None:
     if data[:4] == b"\x1a\x45\xdf\xa3":
         return "WEBM"
     return None
-
-
-def available() -> bool:
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def open_video(

@@ -16,15 +16,11 @@ header set by an authenticating proxy (``MODERATOR_CONSOLE_TRUSTED_USER_HEADER``
 from __future__ import annotations
 
 import secrets
-import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import uvicorn
 from pydantic import ValidationError
 
 from moderator import clients
@@ -41,6 +37,7 @@ from moderator.console.security import host_name
 from moderator.console.service import ReviewService
 from moderator.console.sessions import Sessions
 from moderator.observability import HealthServer, get_logger
+from moderator.web_server import WebServer
 
 log = get_logger(__name__)
 
@@ -129,29 +126,11 @@ class Console:
             self.queue, self.service, self.sessions,
         )  # fmt: skip
         self.health = HealthServer(s.http_host, s.http_port) if health else None
-        # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only when the listening
-        # socket says it is TCP; without it every answer waits ~40 ms for the client's delayed ACK.
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((s.console_host, s.console_port))
-        self._sock.listen(128)
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.web,
-                log_config=None,
-                access_log=False,
-                server_header=False,
-                lifespan="off",
-                timeout_graceful_shutdown=3,
-                proxy_headers=False,  # the peer is the TCP peer: X-Forwarded-For never decides who is trusted
-            )
-        )
-        self._thread: threading.Thread | None = None
+        self.web_server = WebServer(self.web, s.console_host, s.console_port, name="console")
 
     @property
     def url(self) -> str:
-        host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return self.web_server.url
 
     def start(self) -> Console:
         """Load every verdict, start following the topics, and serve (on a thread)."""
@@ -160,13 +139,7 @@ class Console:
             self.health.add_check("verdicts_loaded", self.feeds.loaded.is_set)
             self.health.add_check("redis", self._redis_ok)
             self.health.start()
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the console's web server did not start")
-            time.sleep(0.02)
+        self.web_server.start()
         log.info("console_started", url=self.url, dev=self.dev, group=self.app.settings.console_group_id)
         return self
 
@@ -174,17 +147,13 @@ class Console:
         return redis_ready(self.redis)
 
     def wait(self) -> None:
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(0.5)
+        self.web_server.wait()
 
     def stop(self) -> None:
         """Stop serving and close every client (also for a console that was never started)."""
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)  # uvicorn closes its socket as it stops
-        else:
-            self._sock.close()
+        started = self.web_server.started
+        self.web_server.stop()
         self.feeds.stop()
         self.images.close()
-        if self.health is not None and self._thread is not None:
+        if self.health is not None and started:
             self.health.stop()

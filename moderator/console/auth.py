@@ -29,12 +29,12 @@ import hmac
 import ipaddress
 import os
 import re
-import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from moderator.watched_file import WatchedFile
 
 Role = Literal["reviewer", "lead", "admin"]
 ROLES: tuple[Role, ...] = ("reviewer", "lead", "admin")  # each may do what the ones before it may
@@ -145,39 +145,11 @@ class Accounts:
         return account.role if account is not None else None
 
 
-class AccountsFile:
-    """The accounts file, read again when it changes (checked at most once a second). A file that
-    became unreadable or invalid keeps the last good accounts, and says so once."""
+class AccountsFile(WatchedFile[Accounts]):
+    """The accounts file, read again when it changes (see :class:`~moderator.watched_file.WatchedFile`)."""
 
     def __init__(self, path: Path, on_error: Callable[[str], None] = lambda message: None) -> None:
-        self.path = Path(path)
-        self.on_error = on_error
-        self._accounts = Accounts.load(self.path)  # fails fast at start-up
-        self._stamp = self._stat()
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
-    def current(self) -> Accounts:
-        now = time.monotonic()
-        if now - self._checked < 1.0:
-            return self._accounts
-        with self._lock:
-            self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    self._accounts = Accounts.load(self.path)
-                except AccountsError as exc:
-                    self.on_error(str(exc))
-        return self._accounts
+        super().__init__(path, Accounts.load, (AccountsError,), on_error)
 
 
 # --- the trusted proxy ------------------------------------------------------------------------------

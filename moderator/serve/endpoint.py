@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
 from kafka import KafkaProducer
 
 from moderator.banks.store import Banks
@@ -21,6 +17,7 @@ from moderator.serve.app import ServeConfig, create_app
 from moderator.serve.decide import Decider
 from moderator.serve.keys import KeysFile
 from moderator.serve.store import DecisionStore
+from moderator.web_server import WebServer
 from moderator.worker.event import Decided, Event, ImageEngine
 from moderator.worker.stages import build_stages
 
@@ -87,55 +84,25 @@ class Endpoint:
             ),
             self.decider,
         )  # fmt: skip
-        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (with proto 0, a
-        # response written as headers then body waits ~40 ms for the client's delayed ACK)
-        family = socket.AF_INET6 if ":" in settings.serve_host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((settings.serve_host, settings.serve_port))
-        self._sock.listen(1024)
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.web,
-                log_config=None,
-                access_log=False,
-                server_header=False,
-                lifespan="off",
-                timeout_graceful_shutdown=3,
-                proxy_headers=False,
-            )
-        )
-        self._thread: threading.Thread | None = None
+        self.web_server = WebServer(self.web, settings.serve_host, settings.serve_port, backlog=1024, name="serve")
 
     @property
     def url(self) -> str:
-        host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return self.web_server.url
 
     def start(self) -> Endpoint:
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True,
-                                        name="serve")  # fmt: skip
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the endpoint's web server did not start")
-            time.sleep(0.02)
+        self.web_server.start()
         log.info("serve_started", url=self.url)
         return self
 
     @property
     def serving(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.server.started
+        return self.web_server.running
 
     def stop(self) -> None:
         """Stop taking requests (those under way are answered within uvicorn's grace period); then the
         endpoint's own stages and producer (what they hold is still decided and published), then its threads.
         Every answered decision was published before it was answered."""
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        else:
-            self._sock.close()
+        self.web_server.stop()
         self.on_stop()
         self.decider.close()

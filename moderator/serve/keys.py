@@ -19,14 +19,13 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from moderator.config import Settings
 from moderator.observability import get_logger
+from moderator.watched_file import WatchedFile
 
 log = get_logger(__name__)
 
@@ -125,39 +124,11 @@ def bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-class KeysFile:
-    """The keys file, read again when it changes (checked at most once a second). A file that became
-    unreadable or invalid keeps the last good keys, and says so once per change."""
+class KeysFile(WatchedFile[Keys]):
+    """The keys file, read again when it changes (see :class:`~moderator.watched_file.WatchedFile`)."""
 
     def __init__(self, path: Path, on_error: Callable[[str], None] = lambda message: None) -> None:
-        self.path = Path(path)
-        self.on_error = on_error
-        self._keys = Keys.load(self.path)  # fails fast at start-up
-        self._stamp = self._stat()
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
-    def current(self) -> Keys:
-        now = time.monotonic()
-        if now - self._checked < 1.0:
-            return self._keys
-        with self._lock:
-            self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    self._keys = Keys.load(self.path)
-                except KeysError as exc:
-                    self.on_error(str(exc))
-        return self._keys
+        super().__init__(path, Keys.load, (KeysError,), on_error)
 
 
 def _keys_error(message: str) -> None:

@@ -24,7 +24,7 @@ from moderator.console import Console
 from moderator.console.auth import hash_password
 from moderator.console.service import Person
 from moderator.replay import logged_scores, read_log
-from moderator.samples import animation_bytes, jpeg_bytes, photo_like, video_bytes
+from moderator.samples import animation_bytes, jpeg_bytes, many_frames_gif, photo_like, video_bytes
 from moderator.topics import TOPICS, NewTopic
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, wait_until
@@ -37,18 +37,6 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "MP4", "WEBM")
 
 def _frames(n: int, seed: int, w: int = 128, h: int = 96) -> list[np.ndarray]:
     return [photo_like(w, h, seed=seed + k) for k in range(n)]
-
-
-def _gif_of(n: int, w: int, h: int) -> bytes:
-    base = Image.new("P", (w, h))
-    frames = []
-    for k in range(n):
-        f = base.copy()
-        f.putpixel((k % w, (k // w) % h), 1 + k % 250)
-        frames.append(f)
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=20, optimize=False)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +69,8 @@ def decided(kafka_service, redis_service, tiny_clip_dir, tmp_path_factory) -> It
         "webp": (animation_bytes(_frames(6, 200), "WEBP", 150), None),
         "mp4": (clip, None),
         "webm": (video_bytes(_frames(6, 300, 160, 120), "webm", fps=2, keyframe_every=2), None),
-        "gif-3000-frames": (_gif_of(3000, 8, 8), "too_many_frames"),
-        "gif-huge-frames": (_gif_of(300, 1400, 1000), "image_too_large"),  # 420M pixels to composite
+        "gif-3000-frames": (many_frames_gif(3000, 8, 8), "too_many_frames"),
+        "gif-huge-frames": (many_frames_gif(300, 1400, 1000), "image_too_large"),  # 420M pixels to composite
         "gif-truncated": (truncated[: len(truncated) * 2 // 3], "truncated_image"),
         "mp4-truncated": (clip[: len(clip) // 2], "corrupt_video"),
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
-import io
 import json
 import shutil
 import signal
@@ -27,14 +26,13 @@ import yaml
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from kafka import TopicPartition
-from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from moderator.app import App
 from moderator.clients import make_reader
 from moderator.config import Settings
 from moderator.events import parse_event
-from moderator.samples import animation_bytes, jpeg_bytes, photo_like
+from moderator.samples import animation_bytes, jpeg_bytes, many_frames_gif, photo_like
 from moderator.serve.keys import key_line
 from moderator.topics import TOPICS, NewTopic
 
@@ -353,16 +351,8 @@ def test_an_animation_is_decided_over_its_frames_and_a_3000_frame_one_refused(se
     assert record["frames"]["count"] == 12 and len(record["frames"]["sampled"]) == 8
     for category, score in record["scores"].items():  # each category at its highest frame, as in the stream
         assert score == max(f["scores"][category] for f in record["frames"]["sampled"])
-    base = Image.new("P", (8, 8))
-    many = []
-    for k in range(3000):
-        f = base.copy()
-        f.putpixel((k % 8, (k // 8) % 8), 1 + k % 250)
-        many.append(f)
-    buf = io.BytesIO()
-    many[0].save(buf, "GIF", save_all=True, append_images=many[1:], duration=20, optimize=False)
     refused = served.post(
-        "/v1/moderate", {"id": "anim-2", "image": {"data": base64.b64encode(buf.getvalue()).decode()}}
+        "/v1/moderate", {"id": "anim-2", "image": {"data": base64.b64encode(many_frames_gif(3000, 8, 8)).decode()}}
     )
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_many_frames", refused.text
 

@@ -31,7 +31,7 @@ from moderator.events import decode_frame_vectors
 from moderator.frames import FrameSet, SampledFrame, frame_durations, frame_maxima, merge_hits, sample_frames
 from moderator.images import ImageLimits, PreprocessSpec, load_frames, load_image, preprocess
 from moderator.policy import PolicySpec, assemble
-from moderator.samples import animation_bytes, jpeg_bytes, photo_like, video_bytes
+from moderator.samples import animation_bytes, jpeg_bytes, many_frames_gif, photo_like, video_bytes
 from moderator.worker.feed import QueueFeed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,19 +116,6 @@ def test_frames_sampled_one_is_the_first_frame_only():
     assert loaded.frames is None and loaded.pixels.shape[0] == 1
 
 
-def _gif_with_frames(n: int, w: int, h: int) -> bytes:
-    """A GIF of ``n`` frames of ``w`` x ``h`` (distinct, so that none is merged), quickly."""
-    palette = Image.new("P", (w, h))
-    frames = []
-    for k in range(n):
-        f = palette.copy()
-        f.putpixel((k % w, (k // w) % h), 1 + k % 250)
-        frames.append(f)
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=20, loop=0, optimize=False)
-    return buf.getvalue()
-
-
 def test_adversarial_animations_are_refused_by_rule_with_typed_reasons():
     from moderator.images import ImageError
 
@@ -137,11 +124,11 @@ def test_adversarial_animations_are_refused_by_rule_with_typed_reasons():
             load_frames(data, limits, SPEC)
         return caught.value.reason
 
-    assert reason(_gif_with_frames(3000, 8, 8)) == "too_many_frames"  # refused, never truncated
+    assert reason(many_frames_gif(3000, 8, 8)) == "too_many_frames"  # refused, never truncated
     # 400 frames of 1200x1000: 480M pixels to composite, over the animation limit (each frame is fine)
-    assert reason(_gif_with_frames(400, 1200, 1000)) == "image_too_large"
+    assert reason(many_frames_gif(400, 1200, 1000)) == "image_too_large"
     # A logical screen of 9000x9000: over the per-frame pixel limit, before anything decodes
-    huge = bytearray(_gif_with_frames(2, 8, 8))
+    huge = bytearray(many_frames_gif(2, 8, 8))
     huge[6:10] = (9000).to_bytes(2, "little") * 2
     assert reason(bytes(huge)) == "image_too_large"
     cut = animation_bytes(_photos(12), "GIF")
@@ -156,7 +143,7 @@ def test_decoding_a_long_animation_holds_one_frame_at_a_time(tmp_path):
     frame, the RGB copy, PDQ's float planes: about 21 MB measured), never 8 frames (+32 MB more) or
     300 (1.2 GB)."""
     path = tmp_path / "long.gif"
-    path.write_bytes(_gif_with_frames(300, 1000, 1000))
+    path.write_bytes(many_frames_gif(300, 1000, 1000))
     script = textwrap.dedent(f"""
         from pathlib import Path
         from moderator.images import ImageLimits, PreprocessSpec, load_frames
