@@ -127,8 +127,8 @@ class App:
             )
         )
 
-    def producer(self, **overrides: Any) -> KafkaProducer:
-        return clients.make_producer(self.settings, **overrides)
+    def producer(self, *, transactional_id: str | None = None, **overrides: Any) -> KafkaProducer:
+        return clients.make_producer(self.settings, transactional_id=transactional_id, **overrides)
 
     def consumer(self, group_id: str | None = None, **overrides: Any) -> KafkaConsumer:
         return clients.make_consumer(self.settings, group_id, **overrides)
@@ -145,10 +145,13 @@ class App:
         ``MODERATOR_BANKS_ENABLED=false``; no banks with an in-process feed)."""
         if banks is None:
             banks = self.bank_store if self.settings.banks_enabled and consumer is None else FixedBanks()
+        if producer is None:  # exactly-once: the transactional producer
+            txn_id = self.settings.worker_transactional_id() if self.settings.exactly_once else None
+            producer = self.producer(transactional_id=txn_id)
         return Worker(
             self.settings, self.engine, self.policies,
             consumer=consumer if consumer is not None else self.consumer(),
-            producer=producer if producer is not None else self.producer(),
+            producer=producer,
             fetcher=self.fetcher, banks=banks,
         )  # fmt: skip
 
@@ -162,7 +165,8 @@ class App:
 
     def endpoint(self, worker: Worker | None = None) -> Endpoint:
         """The synchronous endpoint (``moderator/serve/``): beside ``worker``, its requests in the worker's
-        image stage and micro-batcher, published by its producer; else with stages and a producer of its own
+        image stage and micro-batcher, published by its producer (an exactly-once worker's: by one of its
+        own); else with stages and a producer of its own
         (banks as the worker's: the followed topic unless ``MODERATOR_BANKS_ENABLED=false``)."""
         from moderator.serve.endpoint import Endpoint, Pipeline
 
@@ -171,18 +175,23 @@ class App:
         if s.redis_enabled:
             redis = clients.make_redis(s.redis_url.get_secret_value(), s.redis_socket_timeout_ms,
                                        s.redis_connect_timeout_ms)  # fmt: skip
-        if worker is not None:
+        if worker is not None and worker.transactions is None:
             return Endpoint(s, self.api_keys, self.policies, self.fetcher, worker.producer, worker.images.submit, redis)
-        pipeline = Pipeline(s, self.engine, self.policies, self.bank_store if s.banks_enabled else FixedBanks(),
-                            self.fetcher)  # fmt: skip
+        # Alone; or beside an exactly-once worker, whose producer sends only inside its transactions.
+        pipeline = None
+        if worker is None:
+            pipeline = Pipeline(s, self.engine, self.policies, self.bank_store if s.banks_enabled else FixedBanks(),
+                                self.fetcher)  # fmt: skip
+        submit = pipeline.submit if pipeline is not None else worker.images.submit  # type: ignore[union-attr]
         producer = self.producer()
 
         def stop() -> None:
-            pipeline.stop()
+            if pipeline is not None:
+                pipeline.stop()
             producer.flush(timeout=10)
             producer.close(timeout=5)
 
-        return Endpoint(s, self.api_keys, self.policies, self.fetcher, producer, pipeline.submit, redis, on_stop=stop)
+        return Endpoint(s, self.api_keys, self.policies, self.fetcher, producer, submit, redis, on_stop=stop)
 
     def serve_endpoint(self) -> int:
         """``moderator serve``: the endpoint alone, with its health server and policy reloads, until

@@ -67,8 +67,10 @@ def kafka_kwargs(settings: Settings) -> dict[str, Any]:
 # Producer and consumers
 
 
-def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """The producer: ``acks=all``, retries, idempotent where the broker supports it (>= 0.11)."""
+def make_producer(settings: Settings, *, transactional_id: str | None = None, **overrides: Any) -> KafkaProducer:
+    """The producer: ``acks=all``, retries, idempotent where the broker supports it (>= 0.11: by the
+    configured version, else by the versions the broker advertises); with ``transactional_id``, the
+    exactly-once worker's transactional producer (``init_transactions`` is the caller's)."""
     # Inline images travel in events (produce) and in dead letters (their original value).
     largest = max(2 * settings.dead_letter_max_original_bytes, settings.image_max_bytes * 4 // 3 + (1 << 20))
     kwargs: dict[str, Any] = {
@@ -77,12 +79,30 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "retries": 10,
         "linger_ms": 5,
         "max_request_size": largest,
-        "enable_idempotence": settings.idempotence,
     }
-    if not settings.idempotence:
-        kwargs["max_in_flight_requests_per_connection"] = 5
+    if settings.idempotence is not None:  # None: kafka-python turns it on where the broker's versions allow
+        kwargs["enable_idempotence"] = settings.idempotence
+    if transactional_id is not None:
+        kwargs["transactional_id"] = transactional_id
+        kwargs["transaction_timeout_ms"] = settings.transaction_timeout_ms
     kwargs.update(overrides)
     return KafkaProducer(**kwargs)
+
+
+def broker_version(producer: Any) -> tuple[int, ...] | None:
+    """The protocol version a producer speaks (configured or probed); None for a stand-in without one."""
+    config = getattr(producer, "config", None)
+    version = config.get("api_version") if isinstance(config, dict) else None
+    return tuple(version) if version else None
+
+
+def headers_enabled(settings: Settings, producer: Any) -> bool:
+    """Whether outputs carry record headers: ``MODERATOR_KAFKA_HEADERS``, "auto" by the producer's broker
+    version (>= 0.11; an in-process stand-in without a version takes them)."""
+    if settings.kafka_headers != "auto":
+        return settings.kafka_headers == "true"
+    version = broker_version(producer)
+    return version is None or version >= (0, 11)
 
 
 @dataclass(frozen=True)

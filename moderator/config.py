@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -64,13 +65,28 @@ class Settings(BaseSettings):
     # How long the worker may go between polls before the group evicts it. The worker keeps
     # polling while batches run (backpressure pauses partitions), so this bounds only a stuck loop.
     kafka_max_poll_interval_ms: int = Field(300_000, ge=1_000, le=3_600_000)
-    # Idempotent producer: needs brokers >= 0.11. "auto": on unless kafka_api_version says older.
+    # Idempotent producer: needs brokers >= 0.11. "auto": on where the broker can (by kafka_api_version,
+    # else by the versions the broker itself advertises).
     kafka_enable_idempotence: Literal["auto", "true", "false"] = "auto"
+    # Record headers on every output (event id, policy, model, W3C traceparent): brokers >= 0.11.
+    # "auto": on where the producer's broker version (configured or advertised) has them.
+    kafka_headers: Literal["auto", "true", "false"] = "auto"
 
     # --- The worker -----------------------------------------------------------------------------
     input_format: Literal["json", "raw"] = "json"  # raw: the message value is the image, the key its id
     max_in_flight: int = Field(256, ge=1, le=100_000)  # events between receipt and broker ack
     commit_interval_ms: int = Field(1_000, ge=10, le=600_000)
+    # at-least-once: an event's outputs are published as its batch is decided; after a crash the
+    # uncommitted window is decided and published again (keyed by event id: duplicates are harmless).
+    # exactly-once: every transaction_interval_ms, the outputs decided since and their consumed offsets
+    # are committed in one Kafka transaction (brokers >= 0.11); read outputs with isolation.level=read_committed.
+    processing_guarantee: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    # exactly-once: this worker's transactional id, unique among the workers and stable across its restarts
+    # (a restart with it aborts what a crashed instance left open). Default: <group id>-<hostname>.
+    transactional_id: str | None = None
+    transaction_interval_ms: int = Field(100, ge=10, le=600_000)
+    # The broker aborts a transaction left open this long (a worker that died without a successor).
+    transaction_timeout_ms: int = Field(60_000, ge=1_000, le=900_000)
     shutdown_timeout_s: float = Field(30.0, ge=0.0, le=3_600.0)
     # On a rebalance, how long to wait for in-flight events of revoked partitions before
     # abandoning them uncommitted (capped by what the broker protocol allows: see worker/rebalance.py).
@@ -307,13 +323,35 @@ class Settings(BaseSettings):
                              "(pip install 'moderator[video]'), or leave those formats out")  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _exactly_once(self) -> Settings:
+        if self.processing_guarantee != "exactly-once":
+            return self
+        version = self.kafka_api_version_tuple
+        if version is not None and version < (0, 11):
+            raise ValueError("MODERATOR_PROCESSING_GUARANTEE=exactly-once needs Kafka transactions (>= 0.11):"
+                             f" MODERATOR_KAFKA_API_VERSION is {self.kafka_api_version}: at-least-once")  # fmt: skip
+        if self.kafka_enable_idempotence == "false":
+            raise ValueError("MODERATOR_PROCESSING_GUARANTEE=exactly-once needs the idempotent producer: "
+                             "unset MODERATOR_KAFKA_ENABLE_IDEMPOTENCE")  # fmt: skip
+        return self
+
     # --- derived --------------------------------------------------------------------------------
     @property
-    def idempotence(self) -> bool:
+    def idempotence(self) -> bool | None:
+        """Whether the producer is idempotent; None: as the broker's advertised versions allow."""
         if self.kafka_enable_idempotence != "auto":
             return self.kafka_enable_idempotence == "true"
         version = self.kafka_api_version_tuple
-        return version is None or version >= (0, 11)
+        return None if version is None else version >= (0, 11)
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly-once"
+
+    def worker_transactional_id(self) -> str:
+        """The exactly-once worker's transactional id (``MODERATOR_TRANSACTIONAL_ID``, else group-hostname)."""
+        return self.transactional_id or f"{self.kafka_group_id}-{socket.gethostname()}"
 
     @property
     def kafka_api_version_tuple(self) -> tuple[int, ...] | None:

@@ -165,7 +165,8 @@ STAGE_SECONDS = Histogram(
     "moderator_stage_seconds",
     "Seconds per unit of work in each stage: per image (fetch, decode, preprocess), per batch (transfer:"
     " to the device and normalized, forward: the image tower, score, publish: records built and handed to"
-    " the producer), per record (produce: send to broker ack), per commit (commit)",
+    " the producer), per record (produce: send to broker ack), per commit (commit), per exactly-once"
+    " transaction (transaction: begin to committed)",
     ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
@@ -202,6 +203,12 @@ DEAD_LETTERS = Counter(
     "moderator_dead_letters_total", "Events dead-lettered, by reason code", ["reason"], registry=REGISTRY
 )
 IN_FLIGHT = Gauge("moderator_in_flight_events", "Events received and not yet acknowledged", registry=REGISTRY)
+TRANSACTIONS = Counter(
+    "moderator_transactions_total",
+    "Exactly-once transactions, by outcome (committed, aborted)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 BACKPRESSURE_PAUSES = Counter(
     "moderator_backpressure_pauses_total", "Times the consumer paused at max_in_flight", registry=REGISTRY
 )

@@ -166,6 +166,24 @@ def kafka_service(request: pytest.FixtureRequest) -> KafkaService:
 
 
 @pytest.fixture(scope="session")
+def tansu_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaService]:
+    """A Tansu broker (modern protocol versions: headers, idempotence, transactions) whatever the run's
+    broker is: the run's own when it is Tansu (``MODERATOR_TEST_BROKER=tansu``), else one more of its own."""
+    if (os.environ.get("MODERATOR_TEST_BROKER", "").strip() or "kafka") == "tansu" and not os.environ.get(
+        "MODERATOR_TEST_KAFKA", ""
+    ).strip():
+        yield request.getfixturevalue("kafka_service")
+        return
+    stack = LocalStack(tmp_path_factory.mktemp("tansu"), broker="tansu")
+    try:
+        info = stack.start(kafka=True, redis=False)
+        assert info.kafka_bootstrap is not None
+        yield KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_service(request: pytest.FixtureRequest) -> RedisService:
     external = os.environ.get("MODERATOR_TEST_REDIS", "").strip()
     if external:
@@ -309,7 +327,8 @@ def settings_factory(
 ) -> Iterator[Callable[..., Settings]]:
     """``settings_factory(kafka=True, redis=True, topics=False, partitions=1, **overrides) -> Settings``.
 
-    Points the settings at the test services (started on demand), with a unique consumer group and
+    Points the settings at the test services (started on demand; ``kafka="tansu"``: the Tansu broker of
+    ``tansu_service``, whatever the run's broker), with a unique consumer group and
     Redis key prefix. ``topics=True`` also makes a fresh topic for every entry of the topic registry
     (``partitions`` each, compacted where the registry says so).
     ``redis=False`` disables Redis in the settings (and starts none); ``kafka=False`` starts no Kafka.
@@ -317,7 +336,7 @@ def settings_factory(
     used_redis: list[RedisService] = []
 
     def make(
-        *, kafka: bool = True, redis: bool = True, topics: bool = False, partitions: int = 1, **overrides: Any
+        *, kafka: bool | str = True, redis: bool = True, topics: bool = False, partitions: int = 1, **overrides: Any
     ) -> Settings:
         values: dict[str, Any] = {
             "kafka_client_id": "moderator-test",
@@ -325,7 +344,7 @@ def settings_factory(
             "redis_key_prefix": redis_key_prefix + "emb:",
         }
         if kafka:
-            ks: KafkaService = request.getfixturevalue("kafka_service")
+            ks: KafkaService = request.getfixturevalue("tansu_service" if kafka == "tansu" else "kafka_service")
             values["kafka_bootstrap_servers"] = ks.bootstrap_servers
             values["kafka_api_version"] = ks.api_version
             if topics:

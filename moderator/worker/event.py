@@ -14,6 +14,7 @@ from moderator.events import CategoryExplanation, Decision, ImageRef, ParsedEven
 from moderator.frames import FrameSet
 from moderator.images import PreprocessSpec
 from moderator.precision import ImageTower
+from moderator.tracing import TraceParent
 from moderator.worker.checkpoint import Receipt
 
 
@@ -58,6 +59,7 @@ class Event:
     frames: FrameSet | None = None  # an animation or a video: what was sampled; None: a still
     timings: dict[str, float] = field(default_factory=dict)
     reply: Reply | None = None  # a synchronous request's: its results go there, not to the publisher
+    trace: TraceParent | None = None  # the input record's W3C traceparent header (outputs continue its trace)
 
     @property
     def tp(self) -> TopicPartition:

@@ -24,12 +24,13 @@ from kafka.structs import MemberState
 
 
 class Output(NamedTuple):
-    """A record the worker published: where, its key and value, and when (``time.monotonic()``)."""
+    """A record the worker published: where, its key, value and headers, and when (``time.monotonic()``)."""
 
     topic: str
     key: bytes | None
     value: bytes
     at: float
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Record:
     key: bytes | None
     value: bytes
     timestamp: int
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,11 @@ class QueueFeed:
         self._delivered: list[Record] = []  # polled and not yet committed
 
     # --- what a benchmark or a test calls ------------------------------------------------------
-    def put(self, key: bytes | None, value: bytes) -> int:
+    def put(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
         """Append an event; returns its offset."""
         with self._cond:
             offset = self._offset
-            self._queue.append(Record(offset, key, value, int(time.time() * 1000)))
+            self._queue.append(Record(offset, key, value, int(time.time() * 1000), headers))
             self._offset += 1
             self._cond.notify_all()
         return offset
@@ -178,13 +180,16 @@ class QueueFeed:
             self._delivered = [r for r in self._delivered if r.offset >= low]
 
     # --- producer API used by the worker ---------------------------------------------------------
-    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> Future:
+    def send(
+        self, topic: str, key: bytes | None = None, value: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Future:  # fmt: skip
         with self._cond:
             self.sends += 1
             if self._refuse > 0:
                 self._refuse -= 1
                 return Future().failure(RefusedError(f"refused a record for {topic}"))
-            self.outputs.append(Output(topic, key, value or b"", time.monotonic()))
+            self.outputs.append(Output(topic, key, value or b"", time.monotonic(), headers))
             self._cond.notify_all()
         return Future().success(None)
 

@@ -10,7 +10,9 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from moderator import observability as obs
+from moderator import tracing
 from moderator.banks.store import Banks
+from moderator.clients import headers_enabled
 from moderator.config import Settings
 from moderator.errors import ReasonError
 from moderator.events import parse_event
@@ -21,11 +23,12 @@ from moderator.worker.event import Decided, Event, ImageEngine
 from moderator.worker.outputs import Outputs, Publisher
 from moderator.worker.rebalance import RebalanceListener, rebalance_wait_budget
 from moderator.worker.stages import build_stages
+from moderator.worker.transactions import Transactions
 
 log = obs.get_logger(__name__)
 
 EXIT_OK = 0  # stopped; every received event done and committed
-EXIT_PUBLISH_FAILED = 1  # a record could not be published after every retry (its event uncommitted)
+EXIT_PUBLISH_FAILED = 1  # a record could not be published after every retry, or transactions failed (uncommitted)
 EXIT_UNFINISHED = 3  # stopped at the shutdown deadline with events not done (they stay uncommitted)
 
 
@@ -58,8 +61,14 @@ class Worker:
         self.consumer = consumer
         self.producer = producer
         self.topic = settings.topic("images")
-        self.checkpoint = Checkpoint(consumer, settings.max_in_flight, settings.commit_interval_ms / 1000)
-        self.outputs = Outputs(settings)
+        headers = headers_enabled(settings, producer)
+        self.transactions = None
+        if settings.exactly_once:
+            self.transactions = Transactions(producer, consumer, settings.worker_transactional_id(), headers)
+        interval_ms = settings.transaction_interval_ms if settings.exactly_once else settings.commit_interval_ms
+        self.checkpoint = Checkpoint(consumer, settings.max_in_flight, interval_ms / 1000, self.transactions,
+                                     settings.publish_retries)  # fmt: skip
+        self.outputs = Outputs(settings, headers)
         self.publisher = Publisher(producer, self.checkpoint, settings.publish_retries)
         self.images, self.batches = build_stages(self, settings, engine, registry, banks, fetcher)
         self._stopping = threading.Event()
@@ -87,6 +96,8 @@ class Worker:
         if self.settings.fetch_allow_networks:
             log.warning("fetch_private_networks_allowed", networks=list(self.settings.fetch_allow_networks))
         self._wait_for_topic()
+        if self.transactions is not None:
+            self.transactions.start()  # fences an earlier instance of this worker, aborts what it left open
         listener = RebalanceListener(self.checkpoint, self.consumer, rebalance_wait_budget(self.settings))
         self.consumer.subscribe([self.topic], listener=listener)
         # One metadata refresh after subscribing, before the first join: kafka-python builds the
@@ -106,6 +117,8 @@ class Worker:
                     self.stop(self.publisher.fatal or "publishing failed")
                 self.checkpoint.backpressure()
                 self.checkpoint.maybe_commit()
+                if self.checkpoint.fatal is not None:
+                    self.stop(self.checkpoint.fatal)
             return self._shutdown()
         except Exception:
             log.exception("worker_crashed")
@@ -138,6 +151,8 @@ class Worker:
         obs.EVENTS_IN.inc()
         e = Event(self.checkpoint.receive(tp, record.offset), record.key, record.value or b"",
                   _record_timestamp(record.timestamp), time.monotonic())  # fmt: skip
+        if self.outputs.headers:
+            e.trace = tracing.from_headers(record.headers)
         try:
             e.parsed = parse_event(record.key, record.value, self.settings.input_format == "raw",
                                    self.settings.image_max_bytes)  # fmt: skip
@@ -159,7 +174,8 @@ class Worker:
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=5)
         log.info("worker_stopped", unfinished=closed.unfinished, committed=describe(closed.committed))
-        if self.publisher.fatal is not None:
-            log.error("worker_failed", reason=self.publisher.fatal)
+        fatal = self.publisher.fatal or self.checkpoint.fatal
+        if fatal is not None:
+            log.error("worker_failed", reason=fatal)
             return EXIT_PUBLISH_FAILED
         return EXIT_OK if closed.unfinished == 0 else EXIT_UNFINISHED

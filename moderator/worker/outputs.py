@@ -7,7 +7,8 @@ Topic names come from the registry (``moderator/topics.py``) through the setting
 :class:`Publisher` hands an event's records to the producer, all keyed by the event id, and tells
 the :class:`~moderator.worker.checkpoint.Checkpoint` how many are on their way and when each is
 acknowledged. A record the broker refuses is re-sent from the consumer's thread, up to
-``publish_retries`` times; after that the worker stops without committing the event (exit 1).
+``publish_retries`` times; after that the worker stops without committing the event (exit 1). In
+the exactly-once mode it hands them to the checkpoint instead, held for the next transaction.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import Any
 from kafka import KafkaProducer
 
 from moderator import observability as obs
+from moderator import tracing
 from moderator.config import Settings
 from moderator.events import (
     DeadLetter,
+    Decision,
     DecisionRecord,
     EmbeddingRecord,
     ReviewItem,
@@ -37,6 +40,7 @@ from moderator.events import (
 from moderator.policy import PolicySpec, audit_draw
 from moderator.worker.checkpoint import Checkpoint, Receipt
 from moderator.worker.event import Decided, Event, ReviewDraw
+from moderator.worker.transactions import Held
 
 log = obs.get_logger(__name__)
 
@@ -54,16 +58,40 @@ def review_draw(event_id: str, outcome: str, spec: PolicySpec, include_flagged: 
     return draw
 
 
+Headers = list[tuple[str, bytes]]
+
+# The record headers of every output (where the broker has headers: >= 0.11), for routing without
+# parsing JSON; W3C traceparent beside them (moderator/tracing.py).
+EVENT_ID_HEADER = "moderator-event-id"
+POLICY_HEADER = "moderator-policy"  # name@version (the version: a content hash)
+MODEL_HEADER = "moderator-model"  # the model fingerprint
+# exactly-once adds moderator-transaction: the transaction that wrote the record (worker/transactions.py)
+
+
 @dataclass(frozen=True)
 class OutRecord:
     topic: str
     value: bytes
+    headers: Headers | None = None
+
+
+def output_headers(e: Event, decision: Decision | None) -> Headers:
+    """An output's headers: the event id, the policy and model that decided (not on a dead letter), and
+    the worker's span of the event's trace."""
+    event_id = e.parsed.id if e.parsed is not None else event_id_hint(e.key, e.value)
+    headers: Headers = [(EVENT_ID_HEADER, (event_id or "").encode())]
+    if decision is not None:
+        headers.append((POLICY_HEADER, f"{decision.policy.name}@{decision.policy.version}".encode()))
+        headers.append((MODEL_HEADER, decision.model.encode()))
+    headers.append((tracing.HEADER, tracing.child(e.trace).header().encode()))
+    return headers
 
 
 class Outputs:
-    """What each event publishes, and where."""
+    """What each event publishes, and where (with record headers when ``headers``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, headers: bool = False) -> None:
+        self.headers = headers
         self.decisions = settings.topic("decisions")
         self.review = settings.topic("review")
         self.dead_letters = settings.topic("dead_letters")
@@ -77,11 +105,12 @@ class Outputs:
         embedding with the live decision (when the log is on); one record per shadow decision."""
         e, d, decided_at, draw = result.event, result.decision, result.decided_at, result.review
         assert e.parsed is not None
+        headers = output_headers(e, d) if self.headers else None
         record = DecisionRecord(**d.model_dump(), event_id=e.parsed.id, metadata=e.parsed.metadata,
                                 source=e.source, timings=result.timings, decided_at=decided_at,
                                 review_probability=draw.probability, sampled=draw.sampled,
                                 image_sha256=e.image_sha256 or None)  # fmt: skip
-        out = [OutRecord(self.decisions, record.model_dump_json().encode())]
+        out = [OutRecord(self.decisions, record.model_dump_json().encode(), headers)]
         if draw.goes:
             item = ReviewItem(
                 event_id=e.parsed.id, decision=d.decision, priority=review_priority(d.triggered),
@@ -92,7 +121,7 @@ class Outputs:
                 sampled=draw.sampled, sample_rate=draw.probability if draw.sampled else None,
                 explanation=list(result.explanation), second_review=draw.second,
             )  # fmt: skip
-            out.append(OutRecord(self.review, item.model_dump_json().encode()))
+            out.append(OutRecord(self.review, item.model_dump_json().encode(), headers))
         if result.embedding is not None:
             embedding = EmbeddingRecord(
                 event_id=e.parsed.id, model=d.model, image_precision=d.image_precision, dtype=self.embeddings_dtype,
@@ -105,11 +134,11 @@ class Outputs:
                 else [h.hex if h is not None and h.usable else None for h in e.pdqs],
                 review_probability=draw.probability, sampled=draw.sampled,
             )  # fmt: skip
-            out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode()))
+            out.append(OutRecord(self.embeddings, embedding.model_dump_json().encode(), headers))
         for shadow in result.shadows:
             pair = ShadowDecisionRecord(event_id=e.parsed.id, live=d, shadow=shadow, source=e.source,
                                         agree=shadow.decision == d.decision, decided_at=decided_at)  # fmt: skip
-            out.append(OutRecord(self.shadow_decisions, pair.model_dump_json().encode()))
+            out.append(OutRecord(self.shadow_decisions, pair.model_dump_json().encode(), headers))
         return out
 
     def dead_letter(self, e: Event, reason: str, message: str) -> OutRecord:
@@ -124,7 +153,8 @@ class Outputs:
         obs.DEAD_LETTERS.labels(reason=reason).inc()
         log.info("dead_letter", event_id=record.event_id, reason=reason, message=record.message[:200],
                  topic=e.tp.topic, partition=e.tp.partition, offset=e.offset)  # fmt: skip
-        return OutRecord(self.dead_letters, record.model_dump_json().encode())
+        headers = output_headers(e, None) if self.headers else None
+        return OutRecord(self.dead_letters, record.model_dump_json().encode(), headers)
 
 
 @dataclass(frozen=True)
@@ -153,8 +183,11 @@ class Publisher:
         self.fatal: str | None = None  # set once a record could not be published after every retry
 
     def send(self, e: Event, records: list[OutRecord]) -> None:
-        self.checkpoint.expect(e.receipt, len(records))
         key = event_key(e)
+        if self.checkpoint.transactions is not None:  # exactly-once: held for the next transaction
+            self.checkpoint.hold(e.receipt, [Held(r.topic, key, r.value, r.headers) for r in records])
+            return
+        self.checkpoint.expect(e.receipt, len(records))
         for record in records:
             self._send(_Refused(e.receipt, key, record, 0))
 
@@ -172,7 +205,8 @@ class Publisher:
                 self._refused.append(_Refused(item.receipt, item.key, item.record, item.attempt + 1))
 
         try:
-            future = self.producer.send(item.record.topic, key=item.key, value=item.record.value)
+            future = self.producer.send(item.record.topic, key=item.key, value=item.record.value,
+                                        headers=item.record.headers)  # fmt: skip
             future.add_callback(ok).add_errback(failed)
         except Exception as exc:  # e.g. buffer full / record too large: the same path as an async failure
             failed(exc)

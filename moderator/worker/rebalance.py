@@ -64,6 +64,16 @@ class RebalanceListener(AsyncConsumerRebalanceListener):
             while self.checkpoint.pending(set(revoked)) and time.monotonic() < deadline:
                 if not await self._sleep(0.05):
                     break
+            if self.checkpoint.transactions is not None:  # exactly-once: one transaction, then forget them
+                await self._lock_transactions()
+                try:
+                    self.checkpoint.transact()
+                    revocation = self.checkpoint.revoke(set(revoked), lost=False)
+                finally:
+                    self.checkpoint.transaction_lock.release()
+                self._resume = revocation.resume
+                log.info("partitions_revoked", abandoned=revocation.abandoned, partitions=_names(set(revoked)))
+                return
             # 2-3. their watermarks, and forget them
             revocation = self.checkpoint.revoke(set(revoked), lost=False)
             self._resume = revocation.resume
@@ -87,9 +97,24 @@ class RebalanceListener(AsyncConsumerRebalanceListener):
         except Exception as exc:
             log.warning("assignment_hook_failed", error=f"{type(exc).__name__}: {exc}")
 
+    async def _lock_transactions(self) -> None:
+        """Take the transaction lock without stopping the IO loop: a transaction in flight on the
+        consumer's thread finishes first."""
+        while not self.checkpoint.transaction_lock.acquire(blocking=False):
+            if not await self._sleep(0.01):
+                self.checkpoint.transaction_lock.acquire()
+                return
+
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         try:
-            revocation = self.checkpoint.revoke(set(lost), lost=True)  # nothing may be committed
+            if self.checkpoint.transactions is not None:
+                await self._lock_transactions()  # no transaction of ours may commit their offsets after this
+                try:
+                    revocation = self.checkpoint.revoke(set(lost), lost=True)
+                finally:
+                    self.checkpoint.transaction_lock.release()
+            else:
+                revocation = self.checkpoint.revoke(set(lost), lost=True)  # nothing may be committed
             self._resume = {}
             log.info("partitions_lost", abandoned=revocation.abandoned, partitions=_names(set(lost)))
         except Exception as exc:
