@@ -329,8 +329,8 @@ class Settings(BaseSettings):
             return self
         version = self.kafka_api_version_tuple
         if version is not None and version < (0, 11):
-            raise ValueError("MODERATOR_PROCESSING_GUARANTEE=exactly-once needs Kafka transactions (>= 0.11):"
-                             f" MODERATOR_KAFKA_API_VERSION is {self.kafka_api_version}: at-least-once")  # fmt: skip
+            raise ValueError("MODERATOR_PROCESSING_GUARANTEE=exactly-once needs Kafka transactions (>= 0.11),"
+                             f" not MODERATOR_KAFKA_API_VERSION={self.kafka_api_version}: at-least-once")  # fmt: skip
         if self.kafka_enable_idempotence == "false":
             raise ValueError("MODERATOR_PROCESSING_GUARANTEE=exactly-once needs the idempotent producer: "
                              "unset MODERATOR_KAFKA_ENABLE_IDEMPOTENCE")  # fmt: skip

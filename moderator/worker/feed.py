@@ -4,7 +4,9 @@
 ``KafkaProducer`` API that :class:`~moderator.worker.Worker` uses: events put here are delivered by
 ``poll()`` on one partition, honouring pause/resume; records the worker publishes are acknowledged
 at once (or refused, for the first ``refuse`` sends) and kept with the time they were sent; commits
-are recorded. The worker's own code (parse, image stage, batcher, engine, policy, publishing,
+are recorded. Transactions (the exactly-once mode) keep a transaction's records and offsets aside
+until it commits, as a read_committed reader would see them (``fail_transactions`` makes commits
+fail). The worker's own code (parse, image stage, batcher, engine, policy, publishing,
 checkpoint) runs unchanged; only the broker's network and storage are missing.
 """
 
@@ -76,6 +78,10 @@ class QueueFeed:
         self.committed: dict[TopicPartition, int] = {}
         self.sends = 0  # every send, refused ones included
         self._delivered: list[Record] = []  # polled and not yet committed
+        self._txn: list[Output] | None = None  # the open transaction's records
+        self._txn_offsets: dict[TopicPartition, Any] = {}
+        self._fail_txns = 0
+        self.transactions = 0  # committed
 
     # --- what a benchmark or a test calls ------------------------------------------------------
     def put(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
@@ -117,6 +123,11 @@ class QueueFeed:
         again = [r for r in self._delivered if r.offset >= offset]
         self._delivered = [r for r in self._delivered if r.offset < offset]
         self._queue = deque(sorted(again + [r for r in self._queue if r.offset >= offset], key=lambda r: r.offset))
+
+    def fail_transactions(self, n: int) -> None:
+        """Fail the next ``n`` transaction commits (their records and offsets are discarded)."""
+        with self._cond:
+            self._fail_txns = n
 
     # --- consumer API used by the worker ---------------------------------------------------------
     def subscribe(self, topics: Sequence[str], listener: Any = None) -> None:
@@ -189,12 +200,45 @@ class QueueFeed:
             if self._refuse > 0:
                 self._refuse -= 1
                 return Future().failure(RefusedError(f"refused a record for {topic}"))
-            self.outputs.append(Output(topic, key, value or b"", time.monotonic(), headers))
+            (self.outputs if self._txn is None else self._txn).append(
+                Output(topic, key, value or b"", time.monotonic(), headers)
+            )
             self._cond.notify_all()
         return Future().success(None)
 
     def flush(self, timeout: float | None = None) -> None:
         pass
+
+    # --- transactional producer API used by the exactly-once worker ----------------------------------
+    def init_transactions(self) -> None:
+        with self._cond:
+            self._txn = None
+
+    def begin_transaction(self) -> None:
+        with self._cond:
+            if self._txn is not None:
+                raise RuntimeError("a transaction is already open")
+            self._txn, self._txn_offsets = [], {}
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, Any], group_metadata: Any) -> None:
+        with self._cond:
+            self._txn_offsets.update(offsets)
+
+    def commit_transaction(self) -> None:
+        with self._cond:
+            records, offsets, self._txn = self._txn or [], self._txn_offsets, None
+            if self._fail_txns > 0:
+                self._fail_txns -= 1
+                self._txn = []  # still open: the caller aborts it
+                raise RefusedError("refused the transaction's commit")
+            self.outputs.extend(records)
+            self.transactions += 1
+            self._cond.notify_all()
+        self.commit(offsets)
+
+    def abort_transaction(self) -> None:
+        with self._cond:
+            self._txn, self._txn_offsets = None, {}
 
     def close(self, autocommit: bool = False, timeout: float | None = None) -> None:
         pass

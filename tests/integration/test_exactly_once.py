@@ -133,22 +133,20 @@ def test_exactly_once_through_five_sigkills_and_at_least_once_counted(tansu_sett
     out, workers = _run_with_kills(settings, tmp_path / "eos", KILLS)
     try:
         committed = _committed_transactions(workers)
-        report = {}
+        report = []
         for kind in Committed.KINDS:
             records = out.records[kind]
             assert all(txn is not None for _, txn in records), f"{kind}: a record written outside a transaction"
-            in_committed = collections.Counter(e for e, txn in records if txn in committed)
-            assert max(in_committed.values()) == 1, f"{kind}: an event id twice among committed transactions"
+            once = collections.Counter(e for e, txn in records if txn in committed)
+            assert max(once.values()) == 1, f"{kind}: an event id twice among committed transactions"
+            # the rest: at most one transaction per SIGKILL, the one it interrupted
             left_open = {txn for _, txn in records if txn not in committed}
-            # at most one transaction in flight per SIGKILL (its commit may also have landed unlogged)
             assert len(left_open) <= KILLS, left_open
-            report[kind] = (len(in_committed), sum(collections.Counter(e for e, _ in records).values()) - len(
-                set(e for e, _ in records)), len(left_open))  # fmt: skip
+            seen = collections.Counter(e for e, _ in records)
+            report.append(f"{kind} {len(once)} once, {sum(seen.values()) - len(seen)} more in {len(left_open)} open")
         ids = collections.Counter(e for kind in ("decisions", "dead_letters") for e, _ in out.records[kind])
-        print(f"\nexactly-once, {KILLS} SIGKILLs, {EVENTS} events: {len(ids)} ids, "
-              f"{sum(ids.values()) - len(ids)} duplicates, all in transactions left open by a kill; {report}")  # fmt: skip
-        # every review item once among committed transactions (checked above), and every event decided
-        assert set(ids) == {f"eos-{i:05d}" for i in range(EVENTS)}
+        assert set(ids) == {f"eos-{i:05d}" for i in range(EVENTS)}  # 0 missing
+        print(f"\nexactly-once, {KILLS} SIGKILLs in {EVENTS} events: {'; '.join(report)}")
     finally:
         out.close()
 
@@ -161,3 +159,61 @@ def test_exactly_once_through_five_sigkills_and_at_least_once_counted(tansu_sett
         assert len(ids) == EVENTS
     finally:
         out.close()
+
+
+def test_outputs_carry_the_event_id_policy_model_and_the_trace_as_headers(tansu_settings, tmp_path):
+    """Exactly-once, stopped with SIGTERM: every output once, each with its headers; an input's W3C
+    traceparent goes on in its outputs (same trace, the worker's span), an event without one starts one."""
+    from kafka import KafkaProducer
+
+    settings = tansu_settings(processing_guarantee="exactly-once", transactional_id="eos-headers")
+    image = jpeg_bytes(photo_like(64, 48, seed=3))
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers.split(","))
+    for i in range(30):
+        headers = [("traceparent", f"00-{trace}-00f067aa0ba902b7-01".encode())] if i % 2 == 0 else None
+        producer.send(settings.topic("images"), key=f"h-{i}".encode(), value=inline_event(f"h-{i}", image),
+                      headers=headers)  # fmt: skip
+    producer.send(settings.topic("images"), key=b"h-bad", value=b"not json", headers=[("traceparent", b"garbage")])
+    producer.flush()
+    producer.close()
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    reader = make_reader(settings, [settings.topic(k) for k in ("decisions", "review", "dead_letters")],
+                         isolation_level="read_committed")  # fmt: skip
+    seen: dict[str, list[tuple[str, dict[str, bytes]]]] = collections.defaultdict(list)
+    try:
+        deadline = time.monotonic() + 120
+        while len({k for k, recs in seen.items() if any(t != settings.topic("review") for t, _ in recs)}) < 31:
+            assert time.monotonic() < deadline, worker.tail()
+            for tp, recs in reader.poll(timeout_ms=200).items():
+                for r in recs:
+                    seen[r.key.decode()].append((tp.topic, dict(r.headers)))
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.tail()
+        for _ in range(5):
+            for tp, recs in reader.poll(timeout_ms=200).items():
+                for r in recs:
+                    seen[r.key.decode()].append((tp.topic, dict(r.headers)))
+    finally:
+        worker.kill()
+        reader.close()
+    model = next(e["model"] for e in worker.events() if e.get("event") == "worker_started").encode()
+    for key, records in seen.items():
+        topics = [t for t, _ in records]
+        assert len(topics) == len(set(topics)), f"{key}: an output twice ({topics})"
+        parents = {h["traceparent"] for _, h in records}
+        assert len(parents) == 1, f"{key}: its outputs are one span of one trace"
+        version, trace_id, span, flags = parents.pop().decode().split("-")
+        for topic, h in records:
+            assert h["moderator-event-id"] == key.encode()
+            assert h["moderator-transaction"].startswith(b"eos-headers/")
+            if topic == settings.topic("dead_letters"):
+                assert "moderator-policy" not in h
+            else:
+                assert (
+                    h["moderator-policy"].startswith(b"community-standards@sha256:") and h["moderator-model"] == model
+                )
+        if key == "h-bad" or int(key.split("-")[1]) % 2:
+            assert trace_id != trace and flags == "00"  # a new trace (the input had none, or a bad one)
+        else:
+            assert (version, trace_id, flags) == ("00", trace, "01") and span != "00f067aa0ba902b7"

@@ -181,3 +181,35 @@ def test_up_with_the_tansu_broker_speaks_headers_idempotence_and_transactions(tm
         down = _cli("down", "--dir", str(data_dir), timeout=60)
     assert down.returncode == 0, down.stderr
     assert read_state(data_dir) is None
+
+
+def test_tansu_0_6_shows_aborted_records_to_read_committed_readers(tansu_service, unique_name):
+    """What the README's broker table says of Tansu 0.6 (and test_exactly_once allows for): a record of an
+    aborted transaction that reached the log is read by a read_committed reader (its Fetch answers no
+    aborted transactions). Apache Kafka hides it. Should this fail, Tansu hides them now: update both."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from moderator.topics import NewTopic
+
+    topic = unique_name("aborted")
+    tansu_service.create_topics([NewTopic(topic, 1, False)])
+    bootstrap = tansu_service.bootstrap_servers.split(",")
+    tx = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=unique_name("tx"))
+    try:
+        tx.init_transactions()
+        tx.begin_transaction()
+        tx.send(topic, value=b"aborted")
+        tx.flush()  # on the broker before the abort
+        tx.abort_transaction()
+        tx.begin_transaction()
+        tx.send(topic, value=b"committed")
+        tx.commit_transaction()
+    finally:
+        tx.close()
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed", consumer_timeout_ms=3000)
+    try:
+        reader.assign([TopicPartition(topic, 0)])
+        reader.seek_to_beginning()
+        assert [r.value for r in reader] == [b"aborted", b"committed"]
+    finally:
+        reader.close()

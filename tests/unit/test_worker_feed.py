@@ -268,3 +268,33 @@ def test_a_bank_match_decides_in_the_worker_and_the_log_keeps_the_hash(tmp_path,
     distance = int(np.bitwise_count(from_hex(logged["pdq"]) ^ entry.pdq).sum())
     assert distance == match["pdq_distance"]
     assert logged["image"]["inline_source"]["offset"] == copy["source"]["offset"]
+
+
+def test_exactly_once_outputs_and_offsets_land_together_and_a_failed_transaction_is_retried(tiny_engine):
+    app = App(_settings(processing_guarantee="exactly-once", transaction_interval_ms=20, publish_retries=3),
+              engine=tiny_engine)  # fmt: skip
+    feed = QueueFeed(app.settings.topic("images"))
+    for i in range(6):
+        feed.put(f"e{i}".encode(), _event(f"e{i}", i), headers=[("traceparent", b"00-" + b"ab" * 16 + b"-" + b"cd" * 8
+                                                                   + b"-01")] if i == 0 else None)  # fmt: skip
+    feed.put(b"bad", b"{not json")
+    feed.fail_transactions(2)  # the first two commits fail: aborted, their records held for the next
+    assert _run(app, feed, 7) == EXIT_OK
+    keys = [(o.topic, o.key) for o in feed.outputs if o.topic in ("decisions", "dead-letters")]
+    assert sorted(keys) == sorted([("decisions", f"e{i}".encode()) for i in range(6)] + [("dead-letters", b"bad")])
+    assert feed.committed == {feed.tp: 7} and feed.transactions >= 1
+    headers = {o.key: dict(o.headers or []) for o in feed.outputs if o.topic == "decisions"}
+    assert headers[b"e0"]["traceparent"].startswith(b"00-" + b"ab" * 16 + b"-")  # the input's trace goes on
+    assert headers[b"e0"]["moderator-transaction"].startswith(b"moderator-")  # <group>-<host>/<run>-<n>
+    assert headers[b"e1"]["moderator-event-id"] == b"e1" and headers[b"e1"]["moderator-model"]
+
+
+def test_exactly_once_stops_the_worker_when_transactions_keep_failing(tiny_engine):
+    app = App(_settings(processing_guarantee="exactly-once", transaction_interval_ms=20, publish_retries=1),
+              engine=tiny_engine)  # fmt: skip
+    feed = QueueFeed(app.settings.topic("images"))
+    feed.put(b"a", _event("a", 1))
+    feed.fail_transactions(100)
+    worker = app.worker(consumer=feed, producer=feed)
+    assert worker.run(install_signals=False) == EXIT_PUBLISH_FAILED
+    assert feed.outputs == [] and feed.committed == {}  # nothing published, nothing committed
