@@ -11,6 +11,7 @@ ARGS ?=
 
 help:
 	@echo "make test    install everything (venv, torch $(TORCH_VERSION), the project, redis-server, Kafka) and run all tests"
+	@echo "             (on Kafka 0.9; the every_broker ones again on Tansu)"
 	@echo "make demo    run the main job on a local Kafka + Redis stack"
 	@echo "make unit    unit tests only (no servers);  make lint    ruff and mypy"
 	@echo "make slow    the larger calibration validity run (minutes)"
@@ -43,14 +44,17 @@ setup: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/moderator stack fetch
 
+# Everything on Apache Kafka 0.9, then the broker tests again on Tansu (headers, idempotence, transactions).
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	MODERATOR_TEST_BROKER=tansu $(BIN)/python -m pytest -m every_broker $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+	MODERATOR_TEST_BROKER=tansu $(BIN)/python -m pytest -m every_broker $(PYTEST_ARGS)
 
 slow: setup
 	$(BIN)/python -m pytest --slow -m slow $(PYTEST_ARGS)

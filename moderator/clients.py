@@ -134,6 +134,12 @@ def _fetch_limits(settings: Settings) -> dict[str, int]:
     }
 
 
+def _isolation(settings: Settings) -> dict[str, str]:
+    """Exactly-once: read what committed transactions wrote (the worker's outputs), nothing of open or
+    aborted ones."""
+    return {"isolation_level": "read_committed"} if settings.exactly_once else {}
+
+
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> KafkaConsumer:
     """A member of ``group_id`` (default: the worker's group): manual commits, earliest offsets."""
     t = consumer_timeouts(settings)
@@ -146,6 +152,7 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
         "session_timeout_ms": t.session_ms,
         "heartbeat_interval_ms": t.heartbeat_ms,
         "max_poll_records": min(500, settings.max_in_flight),
+        **_isolation(settings),
     }
     version = settings.kafka_api_version_tuple
     if t.max_poll_interval_ms != t.session_ms or version is None or version >= (0, 10, 1):
@@ -163,7 +170,7 @@ def make_reader(
     Raises :class:`TopicError` naming the topics that do not exist.
     """
     kwargs: dict[str, Any] = {**kafka_kwargs(settings), **_fetch_limits(settings), "group_id": None,
-                              "enable_auto_commit": False}  # fmt: skip
+                              "enable_auto_commit": False, **_isolation(settings)}  # fmt: skip
     kwargs.update(overrides)
     consumer = KafkaConsumer(**kwargs)
     parts: list[TopicPartition] = []
@@ -183,8 +190,31 @@ def make_reader(
     if parts and from_beginning:
         consumer.seek_to_beginning(*parts)
     elif parts:
-        consumer.seek_to_end(*parts)
+        _seek_to_end(consumer, parts)
     return consumer
+
+
+def _seek_to_end(consumer: KafkaConsumer, parts: list[TopicPartition], timeout_s: float = 5.0) -> None:
+    """Stand at each partition's end: one past its last record, read rather than trusted.
+
+    A broker's ListOffsets answer may fall short: Tansu 0.6 answers the first offset of the last record
+    batch + 1, and a reader standing there would take the rest of that batch for new records. So each
+    partition is read from one before the answered end up to where its fetch stands after that last
+    record (or batch); those records are dropped. Records produced meanwhile are dropped with them.
+    """
+    end = consumer.end_offsets(parts)
+    remaining = set()
+    for tp in parts:
+        consumer.seek(tp, max(0, end[tp] - 1))
+        if end[tp] > 0:
+            remaining.add(tp)
+    deadline = time.monotonic() + timeout_s
+    while remaining and time.monotonic() < deadline:
+        for tp in consumer.poll(timeout_ms=200, max_records=10_000):
+            remaining.discard(tp)
+        remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+    for tp in remaining:  # e.g. compacted away at end - 1: the answered end, as it is
+        consumer.seek(tp, end[tp])
 
 
 def read_to_end(

@@ -70,6 +70,7 @@ class KafkaService:
     bootstrap_servers: str  # "host:port[,host:port...]"
     api_version: str | None  # "0.9" for the local legacy broker; None: clients probe
     local: LocalStack | None = None  # the stack that runs it, None for an external broker
+    broker: str = "kafka"  # kafka (Apache Kafka 0.9, or an external broker) or tansu
 
     @property
     def api_version_tuple(self) -> tuple[int, ...] | None:
@@ -162,7 +163,7 @@ def kafka_service(request: pytest.FixtureRequest) -> KafkaService:
     stack.broker = os.environ.get("MODERATOR_TEST_BROKER", "").strip() or "kafka"  # kafka (0.9) or tansu
     info = stack.start(kafka=True, redis=False)
     assert info.kafka_bootstrap is not None
-    return KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack)
+    return KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack, stack.broker)
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +179,7 @@ def tansu_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     try:
         info = stack.start(kafka=True, redis=False)
         assert info.kafka_bootstrap is not None
-        yield KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack)
+        yield KafkaService(info.kafka_bootstrap, info.kafka_api_version, stack, "tansu")
     finally:
         stack.stop()
 
@@ -347,6 +348,8 @@ def settings_factory(
             ks: KafkaService = request.getfixturevalue("tansu_service" if kafka == "tansu" else "kafka_service")
             values["kafka_bootstrap_servers"] = ks.bootstrap_servers
             values["kafka_api_version"] = ks.api_version
+            if ks.broker == "tansu":  # its group joins take about half the session timeout
+                values.update(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=1_000)
             if topics:
                 names = {t.setting: unique_name(t.default) for t in TOPICS}
                 ks.create_topics(

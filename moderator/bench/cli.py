@@ -81,7 +81,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument(
         "--contenders",
         help="comma-separated (default: reference,engine,worker,ceiling, and replay with --feed kafka; "
-        "also: banks, animated, http)",
+        "also: banks, animated, http, eos: exactly-once against at-least-once on a Tansu broker)",
     )
     p.add_argument(
         "--log-records", type=int, help="records of the replay contender's embeddings log (default 200000; quick 50000)"

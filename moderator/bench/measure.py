@@ -22,7 +22,7 @@ from moderator.policy import CompiledPolicy, compile_policy
 from moderator.worker.stages import decode_before_forward
 
 STAGES = ("fetch", "decode", "preprocess", "pdq", "transfer", "forward", "banks", "score", "publish", "produce",
-          "commit")  # fmt: skip
+          "commit", "transaction")  # fmt: skip
 ENGINE_THREAD_STAGES = ("transfer", "forward", "banks", "score", "publish")  # the model's part of the engine thread
 
 

@@ -11,8 +11,8 @@ import torch
 
 from moderator.random_init import ARCHITECTURES
 
-CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks", "animated", "http")
-DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks, animated, http: by name
+CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay", "banks", "animated", "http", "eos")
+DEFAULT_CONTENDERS = ("reference", "engine", "worker", "ceiling", "replay")  # banks, animated, http, eos: by name
 
 
 class BenchError(RuntimeError):

@@ -72,6 +72,8 @@ def render_table(report: dict[str, Any]) -> str:
         lines += ["", *precision_lines(report["precisions"])]
     if "http" in c:
         lines += ["", *http_lines(c["http"])]
+    if "eos" in c:
+        lines += ["", *eos_lines(c["eos"])]
     sweeps = report.get("sweeps", {})
     if "batch" in sweeps:
         lines.append("\nthroughput vs batch size:")
@@ -124,6 +126,29 @@ def animated_lines(a: dict[str, Any]) -> list[str]:
         + ")",
         f"  mix          {a['mix_images_per_s']:>8.2f} inputs/s = {a['mix_vs_stills']:.2f}x stills;"
         f" {a['mix_rows_per_s']:.2f} frames/s through the tower",
+    ]
+
+
+def eos_lines(e: dict[str, Any]) -> list[str]:
+    """Exactly-once: the worker with transactions against at-least-once, on the same Tansu broker."""
+
+    def latency(key: str) -> str:
+        lat = e["latency_at_50pct"].get(key) or {}
+        return (
+            f"latency at 50% p50 {lat.get('p50_ms', float('nan')):.0f} ms, p99 {lat.get('p99_ms', float('nan')):.0f} ms"
+        )
+
+    txn = e.get("transaction_ms") or {}
+    per_txn = (
+        f"{1000 * txn['seconds'] / txn['count']:.1f} ms per transaction" if txn.get("count") else "no transactions"
+    )
+    return [
+        f"exactly-once ({e['broker']}; a transaction every {e['transaction_interval_ms']} ms):",
+        f"  at-least-once {e['at_least_once_images_per_s']:>8.2f} images/s (the mean of a run before and one after: "
+        + ", ".join(f"{r:.2f}" for r in e["at_least_once_runs_images_per_s"])
+        + f"); {latency('at-least-once')}",
+        f"  exactly-once  {e['exactly_once_images_per_s']:>8.2f} images/s = {e['exactly_once_vs_at_least_once']:.2f}x"
+        f" at-least-once; {latency('exactly-once')}; {per_txn}",
     ]
 
 

@@ -21,6 +21,7 @@ from moderator import clients
 from moderator.app import App
 from moderator.bench.animated_run import run_animated_contender
 from moderator.bench.banks_run import run_banks_contender
+from moderator.bench.eos_run import run_eos_contender
 from moderator.bench.http_run import run_http_contender
 from moderator.bench.inputs import ImageServer, bench_policy, make_images, prompt_bank
 from moderator.bench.measure import (
@@ -219,6 +220,9 @@ def run_bench(
         if "animated" in opts.contenders:
             progress("animated: worker, stills; a 10% animated mix; stills again")
             contenders["animated"] = run_animated_contender(opts, app, distinct, server)
+        if "eos" in opts.contenders:
+            progress("eos: a Tansu broker; the worker at-least-once, exactly-once, at-least-once again")
+            contenders["eos"] = run_eos_contender(opts, app, distinct, server, tmp / "tansu")
         if "http" in opts.contenders:
             progress("http")
             contenders["http"] = run_http_contender(opts, app, distinct, server, notes)

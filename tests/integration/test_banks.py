@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pdqhash
+import pytest
 import yaml
 
 from moderator.banks.store import read_entries
@@ -20,6 +21,8 @@ from moderator.clients import make_reader, read_to_end
 from moderator.samples import animation_bytes, jpeg_bytes, photo_like
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env, wait_until
+
+pytestmark = pytest.mark.every_broker  # `make test` runs these on Kafka 0.9 and on Tansu
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -206,3 +206,20 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     assert any("in-process queue" in note for note in report["notes"])
     assert report["machine"]["device"] == "cpu" and report["config"]["batch"] == 8
     assert "in-process queue" in (tmp_path / "out" / "gpu-tiny.txt").read_text()
+
+
+def test_bench_eos_contender_prices_exactly_once_against_at_least_once(tiny_clip_dir):
+    """Its own Tansu broker (the run needs no other): the worker at-least-once, exactly-once, at-least-once
+    again, each with its throughput and latency at half its capacity; the table says the ratio."""
+    opts = BenchOptions(arch="tiny", model=str(tiny_clip_dir), images=96, distinct=8, batch=8, contenders=("eos",),
+                        load_seconds=2)  # fmt: skip
+    report = run_bench(opts)
+    e = report["contenders"]["eos"]
+    assert e["broker"].startswith("tansu") and len(e["at_least_once_runs_images_per_s"]) == 2
+    assert e["exactly_once_images_per_s"] > 0 and e["exactly_once_vs_at_least_once"] == pytest.approx(
+        e["exactly_once_images_per_s"] / e["at_least_once_images_per_s"], rel=0.01
+    )
+    assert set(e["latency_at_50pct"]) == {"at-least-once", "exactly-once", "at-least-once again"}
+    assert e["transaction_ms"]["count"] >= 1  # the exactly-once run committed transactions
+    assert "exactly-once (tansu" in render_table(report)
+    json.dumps(report)

@@ -11,7 +11,7 @@ from kafka import TopicPartition
 
 from moderator.clients import TopicError, make_consumer, make_producer, make_reader, make_redis
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_broker]  # `make test`: on Kafka 0.9 and on Tansu
 
 
 def _poll_until(consumer: Any, want: int, timeout: float = 30.0, settle: float = 0.0) -> list[Any]:

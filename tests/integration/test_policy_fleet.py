@@ -19,6 +19,8 @@ from moderator.samples import jpeg_bytes, photo_like
 
 from .harness import Outputs, WorkerProcess, inline_event, produce, settings_env, wait_until
 
+pytestmark = pytest.mark.every_broker  # `make test` runs these on Kafka 0.9 and on Tansu
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
