@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
-from moderator.clients import TopicError, make_consumer, make_producer, make_reader, make_redis
+from moderator.clients import TopicError, broker_version, make_consumer, make_producer, make_reader, make_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.every_broker]  # `make test`: on Kafka 0.9 and on Tansu
 
@@ -34,6 +34,8 @@ def test_producer_and_group_consumer_commit_and_resume(settings_factory, make_to
     topic = make_topic(partitions=4)
     settings = settings_factory(redis=False)
     producer = make_producer(settings)
+    # idempotence auto-detected: off on 0.9 (configured), on where the broker advertises >= 0.11 (Tansu)
+    assert producer.config["enable_idempotence"] == (broker_version(producer) >= (0, 11))
     sent = {f"key-{i:03d}".encode(): f"value-{i:03d}".encode() for i in range(100)}
     futures = [producer.send(topic, key=k, value=v) for k, v in sent.items()]
     producer.flush(timeout=30)

@@ -137,7 +137,7 @@ def test_up_with_the_tansu_broker_speaks_headers_idempotence_and_transactions(tm
     transactions (a read_committed reader never sees the aborted one); `stack down` stops it."""
     from kafka import KafkaConsumer, KafkaProducer
 
-    from moderator.clients import make_producer
+    from moderator.clients import headers_enabled, make_producer
 
     env_file = tmp_path / "tansu.env"
     up = _cli("up", "--dir", str(data_dir), "--broker", "tansu", "--partitions", "2", "--env-file", str(env_file))
@@ -150,10 +150,11 @@ def test_up_with_the_tansu_broker_speaks_headers_idempotence_and_transactions(tm
         assert env["MODERATOR_KAFKA_API_VERSION"] == ""  # probed
         settings = Settings(kafka_bootstrap_servers=env["MODERATOR_KAFKA_BOOTSTRAP_SERVERS"],
                             kafka_api_version=None, redis_url=env["MODERATOR_REDIS_URL"])  # fmt: skip
-        assert settings.idempotence
+        assert settings.idempotence is None  # auto: by the versions the broker advertises
         topic = settings.topic("decisions")
         producer = make_producer(settings)
         try:
+            assert producer.config["enable_idempotence"] and headers_enabled(settings, producer)
             producer.send(topic, key=b"e-1", value=b"{}", headers=[("moderator-event-id", b"e-1")]).get(timeout=30)
         finally:
             producer.close()

@@ -48,7 +48,8 @@ def test_compose_values_are_valid_settings(monkeypatch):
     env = compose()["services"]["moderator"]["environment"]
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
-            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "secret", str(value)))
+            value = re.sub(r"\$\{[^}:]*:-([^}]*)\}", r"\1", str(value))  # ${VAR:-default}: the default
+            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "secret", value))
     s = Settings()
     assert s.kafka_bootstrap_servers == "kafka:9092"
     assert s.device == "cuda"
