@@ -1,5 +1,6 @@
 """The exactly-once mode on a broker with transactions (Tansu 0.6), as `moderator run` processes:
-the worker SIGKILLed five times during 5,000 events, read back with isolation.level=read_committed.
+a worker SIGKILLed five times during 5,000 events beside a steady one (a rebalance each time), read
+back with isolation.level=read_committed.
 
 Tansu 0.6 does not hide the records of an aborted transaction from read_committed readers (its
 Fetch leaves aborted_transactions empty: see test_stack_cli's test of it), and a producer that
@@ -86,15 +87,19 @@ def _events(n: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _run_with_kills(settings: Settings, tmp_path: Path, kills: int) -> tuple[Committed, list[WorkerProcess]]:
-    """Produce the events, then run workers one after another, SIGKILLing each of the first ``kills`` once
-    another 1/(kills+1) of the events are decided; the last runs to the end and stops with SIGTERM."""
+def _run_with_kills(
+    settings: Settings, tmp_path: Path, kills: int, **steady_overrides: Any
+) -> tuple[Committed, list[WorkerProcess]]:
+    """Produce the events; run a steady worker beside one that is SIGKILLed each time another
+    1/(kills+1) of the events are decided, and restarted (every kill and restart a rebalance: the
+    steady one's revocations commit under its transaction lock); at the end both stop with SIGTERM."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     items = _events(EVENTS)
     produce(settings, items)
     wanted = {e for e, _ in items}
     out = Committed(settings)
-    workers: list[WorkerProcess] = []
+    steady = WorkerProcess(settings, tmp_path / "steady.log", **steady_overrides)
+    workers: list[WorkerProcess] = [steady]
     try:
         for k in range(kills + 1):
             worker = WorkerProcess(settings, tmp_path / f"worker-{k}.log")
@@ -104,13 +109,16 @@ def _run_with_kills(settings: Settings, tmp_path: Path, kills: int) -> tuple[Com
             while len(out.ids()) < target and time.monotonic() < deadline:
                 out.poll()
                 assert worker.proc.poll() is None, worker.tail()
+                assert steady.proc.poll() is None, steady.tail()
             assert len(out.ids()) >= target, f"{len(out.ids())} of {target} decided\n{worker.tail()}"
             if k < kills:
                 worker.signal(signal.SIGKILL)
                 assert worker.wait(30) == -9
         assert out.ids() == wanted  # nothing missing
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(60) == 0, worker.tail()
+        for w in (worker, steady):
+            w.signal(signal.SIGTERM)
+        for w in (worker, steady):
+            assert w.wait(60) == 0, w.tail()
         time.sleep(1)  # anything still on its way
         out.poll()
         return out, workers
@@ -130,7 +138,7 @@ def test_exactly_once_through_five_sigkills_and_at_least_once_counted(tansu_sett
     # exactly-once
     settings = tansu_settings(processing_guarantee="exactly-once", transactional_id="eos-worker-0",
                               transaction_interval_ms=100)  # fmt: skip
-    out, workers = _run_with_kills(settings, tmp_path / "eos", KILLS)
+    out, workers = _run_with_kills(settings, tmp_path / "eos", KILLS, transactional_id="eos-worker-steady")
     try:
         committed = _committed_transactions(workers)
         report = []
@@ -146,7 +154,8 @@ def test_exactly_once_through_five_sigkills_and_at_least_once_counted(tansu_sett
             report.append(f"{kind} {len(once)} once, {sum(seen.values()) - len(seen)} more in {len(left_open)} open")
         ids = collections.Counter(e for kind in ("decisions", "dead_letters") for e, _ in out.records[kind])
         assert set(ids) == {f"eos-{i:05d}" for i in range(EVENTS)}  # 0 missing
-        print(f"\nexactly-once, {KILLS} SIGKILLs in {EVENTS} events: {'; '.join(report)}")
+        revocations = sum(w.count("partitions_revoked") for w in workers)
+        print(f"\nexactly-once, {KILLS} SIGKILLs in {EVENTS} events, {revocations} revocations: {'; '.join(report)}")
     finally:
         out.close()
 
