@@ -82,7 +82,8 @@ def make_producer(settings: Settings, *, transactional_id: str | None = None, **
     }
     if settings.idempotence is not None:  # None: kafka-python turns it on where the broker's versions allow
         kwargs["enable_idempotence"] = settings.idempotence
-    if transactional_id is not None:
+    if transactional_id is not None:  # retries: kafka-python's (until the delivery timeout)
+        kwargs.pop("retries")
         kwargs["transactional_id"] = transactional_id
         kwargs["transaction_timeout_ms"] = settings.transaction_timeout_ms
     kwargs.update(overrides)

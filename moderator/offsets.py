@@ -87,6 +87,14 @@ class OffsetTracker(Generic[P]):
             return None
         return part.order[0] if part.order else part.next_commit
 
+    def first_uncommitted(self, partition: P) -> int | None:
+        """The first offset not yet committed (finished or not): where a consumer must resume when
+        finished-but-uncommitted work is lost with the partition (the exactly-once mode's held records)."""
+        part = self._parts.get(partition)
+        if part is None:
+            return None
+        return part.passed[0] if part.passed else self.resume_point(partition)
+
     def drop(self, partitions: list[P] | set[P]) -> None:
         """Forget partitions (revoked or lost): late finishes for them are ignored."""
         for tp in partitions:

@@ -51,7 +51,8 @@ resume.
 3. Forget them; late acknowledgements (or held records) for them are ignored. Whatever was not done
    is abandoned uncommitted, and the next owner reads it again.
 4. Partitions kept across the rebalance resume from their first offset not done (their fetch
-   position may be past abandoned events).
+   position may be past abandoned events); exactly-once, from their first offset not committed
+   (held records were dropped with them).
 
 **Shutdown** (:meth:`Checkpoint.close`, on SIGTERM/SIGINT or :meth:`Worker.stop`):
 
@@ -99,7 +100,7 @@ class Receipt:
 @dataclass(frozen=True)
 class Revocation:
     offsets: dict[TopicPartition, int]  # to commit for the revoked partitions (none when lost)
-    resume: dict[TopicPartition, int]  # where each would resume: its first offset not done
+    resume: dict[TopicPartition, int]  # where each would resume: its first offset not done (exactly-once: committed)
     abandoned: int  # events received and not committed (not done; exactly-once: held), for the next owner
 
 
@@ -332,7 +333,9 @@ class Checkpoint:
         with self._cond:
             committable = self._tracker.committable()
             offsets = {} if lost else {tp: o for tp, o in committable.items() if tp in partitions}
-            resume = {tp: o for tp in partitions if (o := self._tracker.resume_point(tp)) is not None}
+            # exactly-once: what is only held is lost with the partition, so resume at the first uncommitted
+            where = self._tracker.first_uncommitted if self.transactions is not None else self._tracker.resume_point
+            resume = {tp: o for tp in partitions if (o := where(tp)) is not None}
             abandoned = sum(self._tracker.pending(tp) for tp in partitions)
             abandoned += sum(len(self._held.pop(tp, ())) for tp in partitions)  # exactly-once: uncommitted
             for tp in partitions:

@@ -49,6 +49,8 @@ class Record:
 @dataclass(frozen=True)
 class _GroupMetadata:
     state: MemberState
+    generation_id: int = 1
+    member_id: str = "feed"
 
 
 class _Loop:

@@ -7,7 +7,9 @@ revoked partitions finish.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -15,7 +17,7 @@ from kafka.structs import OffsetAndMetadata
 from moderator import observability as obs
 from moderator.clients import consumer_timeouts
 from moderator.config import Settings
-from moderator.worker.checkpoint import Checkpoint, describe
+from moderator.worker.checkpoint import Checkpoint, Revocation, describe
 
 log = obs.get_logger(__name__)
 
@@ -67,8 +69,7 @@ class RebalanceListener(AsyncConsumerRebalanceListener):
             if self.checkpoint.transactions is not None:  # exactly-once: one transaction, then forget them
                 await self._lock_transactions()
                 try:
-                    self.checkpoint.transact()
-                    revocation = self.checkpoint.revoke(set(revoked), lost=False)
+                    revocation = await self._off_loop(lambda: self._commit_and_revoke(set(revoked)))
                 finally:
                     self.checkpoint.transaction_lock.release()
                 self._resume = revocation.resume
@@ -96,6 +97,31 @@ class RebalanceListener(AsyncConsumerRebalanceListener):
             log.info("partitions_assigned", partitions=_names(set(assigned)))
         except Exception as exc:
             log.warning("assignment_hook_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _commit_and_revoke(self, revoked: set[TopicPartition]) -> Revocation:
+        self.checkpoint.transact()
+        return self.checkpoint.revoke(revoked, lost=False)
+
+    async def _off_loop(self, work: Callable[[], Revocation]) -> Revocation:
+        """Run blocking work (a transaction's round trips to the broker) on a thread of its own while
+        this IO loop goes on (heartbeats, the group's requests)."""
+        out: list[Revocation] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                out.append(work())
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name="revocation-transaction", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            if not await self._sleep(0.01):
+                thread.join()
+        if errors:
+            raise errors[0]
+        return out[0]
 
     async def _lock_transactions(self) -> None:
         """Take the transaction lock without stopping the IO loop: a transaction in flight on the

@@ -44,6 +44,10 @@ class Held:
     headers: Headers | None
 
 
+class RecordFailed(Exception):
+    """A record of the transaction was not acknowledged: the transaction is aborted, not committed."""
+
+
 class TransactionFailed(Exception):
     """A transaction did not commit. ``fatal``: the producer is unusable (fenced by another worker
     with the same transactional id, or an abort that failed too); else it was aborted and can be retried."""
@@ -78,18 +82,30 @@ class Transactions:
 
     def commit(self, records: Sequence[Held], offsets: dict[TopicPartition, int]) -> str:
         """One transaction: ``records``, then ``offsets`` for the consumer's group, then the commit.
-        Returns the transaction's id (in its records' ``moderator-transaction`` header and the log)."""
+        Returns the transaction's id (in its records' ``moderator-transaction`` header and the log).
+
+        Every record is acknowledged before the commit is asked for: kafka-python would commit a
+        transaction whose record failed for good on a retriable error, without it."""
+        group = self.consumer.group_metadata()  # one snapshot: checked here, fenced by the broker
+        if getattr(group, "generation_id", 0) < 0 or not getattr(group, "member_id", "x"):
+            raise TransactionFailed("not a member of the group now (a rebalance is under way)", fatal=False)
         self.count += 1
         txn = f"{self.transactional_id}/{self.run}-{self.count}"
         tag = [(TRANSACTION_HEADER, txn.encode())] if self.headers else None
         t0 = time.perf_counter()
         try:
             self.producer.begin_transaction()
+            futures = []
             for r in records:
                 headers = (r.headers or []) + tag if tag is not None else r.headers
-                self.producer.send(r.topic, key=r.key, value=r.value, headers=headers)
+                futures.append(self.producer.send(r.topic, key=r.key, value=r.value, headers=headers))
             committed = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
-            self.producer.send_offsets_to_transaction(committed, self.consumer.group_metadata())
+            self.producer.send_offsets_to_transaction(committed, group)
+            self.producer.flush()
+            bad = [f for f in futures if not f.succeeded()]
+            if bad:
+                raise RecordFailed(f"{len(bad)} of {len(futures)} records not acknowledged: "
+                                   f"{type(bad[0].exception).__name__}: {bad[0].exception}")  # fmt: skip
             self.producer.commit_transaction()
         except ProducerFencedError as exc:
             raise TransactionFailed(self._fenced(), fatal=True) from exc

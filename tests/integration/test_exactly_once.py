@@ -116,6 +116,7 @@ def _run_with_kills(
                 assert worker.wait(30) == -9
         assert out.ids() == wanted  # nothing missing
         for w in (worker, steady):
+            w.wait_for("worker_started")  # its SIGTERM handler is in place (it may have had nothing to do)
             w.signal(signal.SIGTERM)
         for w in (worker, steady):
             assert w.wait(60) == 0, w.tail()

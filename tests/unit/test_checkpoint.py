@@ -211,3 +211,62 @@ def test_the_feed_fails_sends_it_was_told_to_refuse_and_commits_drop_what_they_c
 def test_revoking_an_unknown_partition_is_harmless(lost):
     cp = Checkpoint(_feed(), max_in_flight=10, commit_interval_s=0)
     assert cp.revoke({TopicPartition("other", 0)}, lost=lost).offsets == {}
+
+
+def _transactional(feed: QueueFeed, retries: int = 5) -> Checkpoint:
+    from moderator.worker.transactions import Transactions
+
+    transactions = Transactions(feed, feed, "t-1", headers=True)
+    transactions.start()
+    cp = Checkpoint(feed, max_in_flight=100, commit_interval_s=0, transactions=transactions, retries=retries)
+    feed.subscribe([TOPIC], listener=RebalanceListener(cp, feed, 1.0))
+    return cp
+
+
+def _held(topic: str, key: bytes) -> list:
+    from moderator.worker.transactions import Held
+
+    return [Held(topic, key, b"{}", None)]
+
+
+def test_exactly_once_a_record_the_broker_refuses_aborts_the_transaction_and_nothing_is_committed():
+    feed = _feed(2)
+    cp = _transactional(feed)
+    r = _received(feed, cp)
+    for receipt in r:
+        cp.hold(receipt, _held("decisions", f"k{receipt.offset}".encode()))
+    feed.refuse(1)  # the first record fails for good: the transaction must not commit without it
+    assert cp.commit() == {} and feed.outputs == [] and feed.committed == {}
+    assert cp.commit() == {feed.tp: 2}  # the next one carries both records and the offsets
+    assert sorted(o.key for o in feed.outputs) == [b"k0", b"k1"] and feed.committed == {feed.tp: 2}
+    assert all(dict(o.headers)["moderator-transaction"].startswith(b"t-1/") for o in feed.outputs)
+
+
+def test_exactly_once_a_revoked_partition_resumes_at_its_first_uncommitted_offset():
+    feed = _feed(5)
+    cp = _transactional(feed)
+    r = _received(feed, cp)
+    for receipt in r[:2]:
+        cp.hold(receipt, _held("decisions", b"x"))
+    assert cp.commit() == {feed.tp: 2}
+    for receipt in r[2:]:
+        cp.hold(receipt, _held("decisions", b"x"))
+    feed.fail_transactions(1)  # the revocation's own transaction fails: offsets 2-4 were only held
+    feed.revoke()
+    assert feed.committed == {feed.tp: 2}
+    records = feed.poll(timeout_ms=10)[feed.tp]  # the partition comes back: 2-4 are read again
+    assert [rec.offset for rec in records] == [2, 3, 4]
+
+
+def test_exactly_once_held_records_of_a_revoked_partition_are_not_sent_after_it_comes_back():
+    a = TopicPartition(TOPIC, 0)
+    feed = _feed()
+    cp = _transactional(feed)
+    cp.assign({a})
+    late = cp.receive(a, 0)  # in the engine when the partition goes
+    cp.revoke({a}, lost=True)
+    cp.assign({a})
+    again = cp.receive(a, 0)  # the new owner's (here: our own again) delivery of the same event
+    cp.hold(late, _held("decisions", b"late"))  # dropped: it belongs to the old ownership
+    cp.hold(again, _held("decisions", b"again"))
+    assert cp.commit() == {a: 1} and [o.value for o in feed.outputs] == [b"{}"] and len(feed.outputs) == 1
