@@ -68,6 +68,41 @@ def test_hex_form_is_threatexchange_s() -> None:
         from_hex("zz" * 32)
 
 
+def reference_hash(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """Meta's C++ (the ``pdqhash`` package) on the image as :func:`hash_image` reduces it: ``uint8 [8, 32]``."""
+    from moderator.banks.pdq import _rgb
+
+    vectors, quality = pdqhash.compute_dihedral(_rgb(arr))
+    return np.packbits(np.asarray(vectors, dtype=np.uint8), axis=1), int(quality)
+
+
+def test_hashes_equal_the_reference_implementation_bit_for_bit() -> None:
+    """The numpy PDQ gives Meta's C++ hasher's bits (all 8 variants) and quality, on photos of every size
+    and shape: both sides at least 64 px after the 512 reduction (the 64x64 cells then read distinct
+    pixels), from 64 px to 2000 px, portrait, landscape, square, and the worker's draft-decoded sizes."""
+    rng = np.random.default_rng(7)
+    sizes = [(640, 480), (320, 240), (1280, 720), (64, 64), (65, 200), (512, 512), (513, 97), (1999, 1001)]
+    sizes += [(int(rng.integers(64, 2000)), int(rng.integers(64, 2000))) for _ in range(120)]
+    for i, (w, h) in enumerate(sizes):
+        arr = photo_like(w, h, seed=9_000 + i)
+        ours, (bits, quality) = hash_image(arr), reference_hash(arr)
+        assert ours.quality == quality, (w, h)
+        assert (ours.variants == bits).all(), (w, h, np.bitwise_count(ours.variants ^ bits).sum(axis=1))
+    noise = np.random.default_rng(1).integers(0, 256, size=(300, 200, 3), dtype=np.uint8)  # all frequencies
+    assert (hash_image(noise).variants == reference_hash(noise)[0]).all()
+
+
+def test_slivers_and_tiny_images_are_hashed_by_the_reference_itself() -> None:
+    """A side under 64 px repeats pixels into the 64x64 cells: those hashes come from the C++ (bit for bit);
+    under 5 px, all zeros with quality 0."""
+    for i, (w, h) in enumerate([(444, 8), (16, 460), (436, 16), (63, 300), (40, 30), (5, 5)]):
+        arr = photo_like(w, h, seed=77 + i)
+        ours, (bits, quality) = hash_image(arr), reference_hash(arr)
+        assert ours.quality == quality and (ours.variants == bits).all(), (w, h)
+    tiny = hash_image(np.zeros((4, 300, 3), np.uint8))
+    assert tiny.quality == 0 and not tiny.variants.any()
+
+
 def test_transformed_copies_match_by_pdq_with_dihedral_queries_except_crops(originals: list[np.ndarray]) -> None:
     """JPEG q40, 50% resize, mirror and 90° rotation each match their own entry and no other; a 5% crop
     does not match by PDQ (it is what the embedding rule is for)."""
