@@ -20,7 +20,9 @@ from moderator.images import (
     TruncatedImage,
     UnsupportedFormat,
     decode,
+    load_frames,
     load_image,
+    preprocess,
 )
 from moderator.samples import jpeg_bytes, photo_like, varied_images
 
@@ -188,3 +190,21 @@ def test_jpeg_draft_auto_is_on_for_the_reduced_precisions_only():
     assert ImageLimits.from_settings(auto, "bfloat16").jpeg_draft and ImageLimits.from_settings(auto, "int8").jpeg_draft
     assert not ImageLimits.from_settings(Settings(image_jpeg_draft=False), "int8").jpeg_draft
     assert ImageLimits.from_settings(Settings(image_jpeg_draft="true"), "float32").jpeg_draft  # as the env gives it
+
+
+def test_the_reduced_precisions_resize_only_the_columns_the_crop_keeps():
+    """``exact=False`` (with draft decoding): a landscape photo's resize computes only the cropped columns,
+    within one level of resize-then-crop on at most 0.05% of the pixels; portrait, square-upscaled and
+    small images take the exact path unchanged; exact decoding keeps the exact path."""
+    spec = PreprocessSpec(224, None, (224, 224), 3, 1 / 255, (0, 0, 0), (1, 1, 1))
+    for i, (w, h) in enumerate([(640, 480), (320, 240), (1280, 720), (1024, 768), (1898, 272), (601, 474)]):
+        img = Image.fromarray(photo_like(w, h, seed=40 + i))
+        exact, fast = preprocess(img, spec).astype(int), preprocess(img, spec, exact=False).astype(int)
+        assert fast.shape == exact.shape == (224, 224, 3)
+        assert np.abs(exact - fast).max() <= 1 and (exact != fast).mean() < 5e-4, (w, h)
+    for w, h in [(480, 640), (200, 150), (224, 224)]:  # portrait; upscaled; no resize
+        img = Image.fromarray(photo_like(w, h, seed=1))
+        assert np.array_equal(preprocess(img, spec), preprocess(img, spec, exact=False)), (w, h)
+    data = jpeg_bytes(photo_like(640, 480, seed=5))
+    assert np.array_equal(load_frames(data, LIMITS, spec, with_pdq=False).pixels[0], load_image(data, LIMITS, spec))
+    assert np.array_equal(load_image(data, LIMITS, spec), preprocess(decode(data, LIMITS, spec), spec))
