@@ -165,9 +165,10 @@ class Settings(BaseSettings):
     video_bank_min_frames: int = Field(1, ge=1, le=64)
     decode_threads: int = Field(2, ge=1, le=256)  # concurrent decodes (fetches have their own threads)
     # When images are decoded: "overlap" ahead of the model, beside it; "before_forward" when their
-    # batch runs, on every core, then the model on every core; "auto": before_forward on the CPU
-    # (where decoding beside the model slows it more than it gains), overlap on an accelerator.
-    decode_schedule: Literal["auto", "overlap", "before_forward"] = "auto"
+    # batch runs, on every core, then the model on every core; "pipelined" from when their batch is
+    # taken, beside the batch before it in the model, at idle CPU priority (they take only what the
+    # model leaves); "auto": pipelined on the CPU, overlap on an accelerator (worker/stages.py).
+    decode_schedule: Literal["auto", "overlap", "before_forward", "pipelined"] = "auto"
 
     # --- Batching -------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096)

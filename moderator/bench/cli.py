@@ -75,8 +75,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=20.0)
     p.add_argument("--decode-threads", type=int, default=0, help="default: the core count")
-    p.add_argument("--decode-schedule", choices=["auto", "overlap", "before_forward"], default="auto",
-                   help="when images are decoded (MODERATOR_DECODE_SCHEDULE; auto: before_forward on CPU)")  # fmt: skip
+    p.add_argument("--decode-schedule", choices=["auto", "overlap", "before_forward", "pipelined"], default="auto",
+                   help="when images are decoded (MODERATOR_DECODE_SCHEDULE; auto: pipelined on CPU)")  # fmt: skip
     p.add_argument("--reference-images", type=int, help="images through the reference (default 24; CUDA 64)")
     p.add_argument(
         "--contenders",

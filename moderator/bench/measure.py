@@ -19,7 +19,7 @@ from moderator.clip import ClipEngine, synchronize
 from moderator.embedding_cache import TextEncoder
 from moderator.images import ImageError, ImageLoader
 from moderator.policy import CompiledPolicy, compile_policy
-from moderator.worker.stages import decode_before_forward
+from moderator.worker.stages import decode_schedule
 
 STAGES = ("fetch", "decode", "preprocess", "pdq", "transfer", "forward", "banks", "score", "publish", "produce",
           "commit", "transaction")  # fmt: skip
@@ -98,39 +98,44 @@ def run_ceiling(engine: ClipEngine, pixels: np.ndarray, batches: int) -> Result:
 def run_engine(
     engine: ClipEngine, policy: CompiledPolicy, images: Sequence[bytes], batch: int, loader: ImageLoader, schedule: str
 ) -> Result:
-    """JPEG bytes to decisions, batched, decoding on the loader's pool as the worker would
-    (``schedule``, see :func:`moderator.worker.stages.decode_before_forward`): each batch just before
-    its forward, or one batch ahead, beside the model."""
+    """JPEG bytes to decisions, batched, decoding as the worker would (``schedule``, see
+    :func:`moderator.worker.stages.decode_schedule`): each batch just before its forward, or one batch
+    ahead beside the model (overlap: on the loader's pool; pipelined: on a pool at idle priority)."""
+    mode = decode_schedule(schedule, engine.device)
+    ahead = None if mode == "before_forward" else loader
+    if mode == "pipelined":
+        ahead = ImageLoader(loader.limits, loader.spec, loader.threads, idle=True)
 
-    def load(chunk: Sequence[bytes]) -> np.ndarray:
+    def load(chunk: Sequence[bytes], on: ImageLoader) -> np.ndarray:
         try:
-            return loader.batch(chunk)
+            return on.batch(chunk)
         except ImageError as exc:
             raise BenchError(f"a benchmark image failed to decode: {exc}") from None
 
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
-    policy.decisions(engine.encode_images(load(chunks[0])))  # warm-up at this batch size
-    overlap = not decode_before_forward(schedule, engine.device)
+    policy.decisions(engine.encode_images(load(chunks[0], loader)))  # warm-up at this batch size
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="bench-prefetch")
     try:
         before = stage_totals()
         t0 = time.perf_counter()
-        pending = prefetch.submit(load, chunks[0]) if overlap else None
+        pending = prefetch.submit(load, chunks[0], ahead) if ahead is not None else None
         decided = 0
         for k, chunk in enumerate(chunks):
             if pending is not None:
                 pixels = pending.result()
-                if k + 1 < len(chunks):
-                    pending = prefetch.submit(load, chunks[k + 1])
+                if k + 1 < len(chunks) and ahead is not None:
+                    pending = prefetch.submit(load, chunks[k + 1], ahead)
             else:
-                pixels = load(chunk)
+                pixels = load(chunk, loader)
             decided += len(policy.decisions(engine.encode_images(pixels)))
         seconds = time.perf_counter() - t0
         after = stage_totals()
     finally:
         prefetch.shutdown(wait=True)
+        if ahead is not None and ahead is not loader:
+            ahead.close()
     assert decided == len(images)
-    extra = {"batch": batch, "decode": "overlap" if overlap else "before_forward"}
+    extra = {"batch": batch, "decode": mode}
     return Result(len(images), seconds, extra | {"stages": stage_breakdown(before, after, len(images))})
 
 

@@ -4,7 +4,8 @@
   the inline bytes); then, unless decoding waits for the batch, decode with limits, PDQ-hash the
   decoded image and resize/crop to uint8; hand the event to the batch stage.
 - :class:`BatchStage`, one thread: the micro-batcher (size or oldest-waited deadline); on the CPU,
-  the batch's decoding on every core just before its forward (``decode_schedule``); the image tower;
+  the batch's decoding from when it is taken, beside the batch before it in the model, at idle priority
+  (:func:`decode_schedule`); the image tower;
   one policy snapshot and one bank index per batch, searched once for the whole batch; the
   decisions, handed to the worker's sink to publish.
 
@@ -17,8 +18,9 @@ import hashlib
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from moderator.config import Settings
 from moderator.errors import ReasonError
 from moderator.events import CategoryExplanation, Decision, Timings, utc_now
 from moderator.fetch import Fetcher
-from moderator.images import ImageLimits, load_frames
+from moderator.images import ImageLimits, idle_priority, load_frames
 from moderator.policy import CompiledPolicy, PolicyRegistry, PolicySet, explanations
 from moderator.policy.scoring import driving_row
 from moderator.worker.event import NO_REVIEW, Decided, Event, ImageEngine, ReviewDraw, ms
@@ -48,17 +50,37 @@ class Sink(Protocol):
     def failed(self, e: Event, reason: str, message: str) -> None: ...
 
 
-def decode_before_forward(schedule: str, device: torch.device) -> bool:
-    """Whether images are decoded when their batch runs (all cores, then the model on all cores)
-    rather than ahead of it, beside the model.
+Schedule = Literal["overlap", "before_forward", "pipelined"]
 
-    ``auto``: on the CPU, where the image tower already uses every core, decoding beside it preempts
-    the model's threads mid-product and costs the model more than the decoding itself takes; on an
-    accelerator, decoding ahead overlaps the device's work.
+
+def decode_schedule(setting: str, device: torch.device) -> Schedule:
+    """When images are decoded (``MODERATOR_DECODE_SCHEDULE``):
+
+    - ``overlap``: as they arrive, ahead of the model, beside it (an accelerator's: decoding on the CPU
+      overlaps the device's work);
+    - ``before_forward``: when their batch runs, on every core, then the model on every core;
+    - ``pipelined``: a batch's decoding starts when it is taken from the batcher, while the batch before
+      it runs in the model, on decode threads at idle CPU priority (``SCHED_IDLE``), which take only
+      what the model leaves (its threads waiting, a stream done before the other); the model then waits
+      for what is left. Decoding beside the model at normal priority preempts its threads mid-product
+      and costs it more than the decoding takes.
+
+    ``auto``: pipelined on the CPU, overlap on an accelerator.
     """
-    if schedule == "auto":
-        return device.type == "cpu"
-    return schedule == "before_forward"
+    if setting == "auto":
+        return "pipelined" if device.type == "cpu" else "overlap"
+    if setting not in ("overlap", "before_forward", "pipelined"):
+        raise ValueError(f"unknown decode schedule {setting!r}")
+    return cast(Schedule, setting)
+
+
+@dataclass
+class _Batch:
+    """A batch taken from the batcher, until it runs."""
+
+    events: list[Event]
+    waited: list[float]  # seconds each event waited in the batcher
+    decoding: list[Future[bool]] | None  # pipelined: its decodes under way (True: decoded)
 
 
 def _unexpected(sink: Sink, e: Event, exc: Exception) -> None:
@@ -167,6 +189,7 @@ class BatchStage:
         embeddings_dtype: str | None,
         review_include_flagged: bool,
         video_bank_min_frames: int = 1,
+        pipelined: bool = False,
     ) -> None:
         self.sink = sink
         self.video_bank_min_frames = video_bank_min_frames
@@ -179,10 +202,15 @@ class BatchStage:
         self.banks = banks
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        # Set: each batch is decoded on every core just before its forward.
+        # Set: each batch is decoded when it runs (before_forward), on every core; pipelined, from when it is
+        # taken, on the idle-priority threads of _ahead, and what has not started when it runs on _decoder.
         self._decoder: ThreadPoolExecutor | None = None
+        self._ahead: ThreadPoolExecutor | None = None
         if images.decode_with_batch:
             self._decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        if images.decode_with_batch and pipelined:
+            self._ahead = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode-ahead",
+                                             initializer=idle_priority)  # fmt: skip
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -193,18 +221,20 @@ class BatchStage:
         self.images.ready.put(None)
         if self.thread.is_alive():
             self.thread.join(timeout=timeout)
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._decoder, self._ahead):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         ready = self.images.ready
         batcher: MicroBatcher[Event] = MicroBatcher(self.max_batch_size, self.max_delay_s)
         closing = False
+        pending: _Batch | None = None  # taken, its decoding under way (pipelined), not yet run
         while True:
             deadline = batcher.deadline()
             timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                item = ready.get(timeout=timeout)
+                item = ready.get(timeout=0.0 if pending is not None else timeout)
                 if item is None:
                     closing = True
                 else:
@@ -218,27 +248,56 @@ class BatchStage:
             except queue.Empty:
                 pass
             now = time.monotonic()
-            while batcher.ready(now) or (closing and len(batcher)):
-                batch = batcher.take(now, force=closing)
-                try:
-                    self.run([p.item for p in batch], [now - p.since for p in batch])
-                except Exception as exc:  # never lose a batch: dead-letter it, keep going
-                    log.exception("batch_failed", size=len(batch))
-                    for p in batch:
-                        self.sink.failed(p.item, "internal_error", f"{type(exc).__name__}: {exc}")
+            if batcher.ready(now) or (closing and len(batcher)):
+                taken = batcher.take(now, force=closing)
+                batch = self.begin([p.item for p in taken], [now - p.since for p in taken])
+                if pending is not None:  # the batch before it runs in the model while this one decodes
+                    self.run_guarded(pending)
+                pending = batch
+                continue  # the next batch, if one is ready, starts decoding before this one runs
+            if pending is not None:
+                self.run_guarded(pending)
+                pending = None
             if closing and not len(batcher) and ready.empty():
                 return
 
-    def run(self, events: list[Event], waited: list[float]) -> None:
+    def begin(self, events: list[Event], waited: list[float]) -> _Batch:
+        """A batch taken from the batcher. Pipelined and full (a backlog), its decoding starts now, on threads
+        at idle CPU priority: beside the model they take only what it leaves. A batch that is not full (the
+        stream keeps up) is decoded when it runs, at normal priority: nothing waits behind it, and at idle
+        priority it would wait for every other thread of the machine (measured: p99 latency at 50% load
+        several times higher)."""
+        decoding = None
+        if self._ahead is not None and sum(map(_rows, events)) >= self.max_batch_size:
+            decoding = [self._ahead.submit(self.images.decode, e) for e in events]
+        return _Batch(events, waited, decoding)
+
+    def run_guarded(self, batch: _Batch) -> None:
+        """:meth:`run`, never losing a batch: one that fails is dead-lettered and the loop goes on."""
+        try:
+            self.run(batch)
+        except Exception as exc:
+            log.exception("batch_failed", size=len(batch.events))
+            for e in batch.events:
+                self.sink.failed(e, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def run(self, batch: _Batch) -> None:
+        """Decode the batch (or wait for what is left of its pipelined decoding), then the model, the
+        policies, the banks; hand every decision to the sink."""
+        events, waited = batch.events, batch.waited
+        if self._decoder is not None:  # every core decodes (what is left of) the batch, then the model runs
+            decoding: list[Future[bool] | None] = [None] * len(events)
+            if batch.decoding is not None:
+                decoding = list(batch.decoding)
+            # A decode that has not started yet moves from the idle threads to the normal ones.
+            moved = [f if f is not None and not f.cancel() else self._decoder.submit(self.images.decode, e)
+                     for f, e in zip(decoding, events, strict=True)]  # fmt: skip
+            good = [f.result() for f in moved]
+            events = [e for e, ok in zip(events, good, strict=True) if ok]
+            waited = [w for w, ok in zip(waited, good, strict=True) if ok]
         events, waited = self.drop_expired(events, waited)
         if not events:
             return
-        if self._decoder is not None:  # every core decodes the batch, then every core runs the model
-            good = list(self._decoder.map(self.images.decode, events))
-            events = [e for e, ok in zip(events, good, strict=True) if ok]
-            waited = [w for w, ok in zip(waited, good, strict=True) if ok]
-            if not events:
-                return
         snapshot = self.registry.current  # the whole batch is decided with this policy set
         tower = self.engine.tower  # and embedded by this tower, whose precision its decisions record
         t0 = time.perf_counter()
@@ -363,10 +422,11 @@ def build_stages(
     sink: Sink, settings: Settings, engine: ImageEngine, registry: PolicyRegistry, banks: Banks, fetcher: Fetcher
 ) -> tuple[ImageStage, BatchStage]:
     """The image and batch stages as the settings say (the stream worker's; ``moderator serve``'s alone)."""
+    schedule = decode_schedule(settings.decode_schedule, engine.device)
     images = ImageStage(
         sink, fetcher, ImageLimits.from_settings(settings, engine.tower.precision), engine,
         fetch_threads=settings.fetch_threads, decode_threads=settings.decode_threads,
-        decode_with_batch=decode_before_forward(settings.decode_schedule, engine.device),
+        decode_with_batch=schedule != "overlap",
         hash_pdq=settings.pdq_enabled,
     )  # fmt: skip
     batches = BatchStage(
@@ -374,6 +434,6 @@ def build_stages(
         max_delay_s=settings.max_delay_ms / 1000, decode_threads=settings.decode_threads,
         embeddings_dtype=settings.embeddings_dtype if settings.embeddings_enabled else None,
         review_include_flagged=settings.review_include_flagged,
-        video_bank_min_frames=settings.video_bank_min_frames,
+        video_bank_min_frames=settings.video_bank_min_frames, pipelined=schedule == "pipelined",
     )  # fmt: skip
     return images, batches

@@ -192,7 +192,7 @@ def _serve(image: bytes) -> tuple[_Server, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-@pytest.mark.parametrize("schedule", ["before_forward", "overlap"])  # the CPU's and the GPU's decode schedule
+@pytest.mark.parametrize("schedule", ["pipelined", "before_forward", "overlap"])  # CPU (auto), CPU, GPU
 def test_bad_inputs_each_give_one_dead_letter_and_the_worker_lives(worker_settings, tmp_path, schedule):
     settings = worker_settings(
         partitions=2, image_max_bytes=300_000, fetch_timeout_s=1.5, fetch_allow_networks=("127.0.0.0/8",),

@@ -19,7 +19,7 @@ from moderator.bench.worker_run import _QueueTransport
 from moderator.policy import build_tables
 from moderator.random_init import VOCABULARY_WORDS, build_tokenizer
 from moderator.worker.feed import QueueFeed
-from moderator.worker.stages import decode_before_forward
+from moderator.worker.stages import decode_schedule
 
 
 def test_size_mix_parses_and_keeps_its_proportions():
@@ -137,8 +137,11 @@ def test_ratios_and_table():
 
 def test_decode_schedule_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decode_before_forward("auto", cpu) and not decode_before_forward("auto", cuda)
-    assert decode_before_forward("before_forward", cuda) and not decode_before_forward("overlap", cpu)
+    assert decode_schedule("auto", cpu) == "pipelined" and decode_schedule("auto", cuda) == "overlap"
+    for named in ("before_forward", "overlap", "pipelined"):
+        assert decode_schedule(named, cuda) == named == decode_schedule(named, cpu)
+    with pytest.raises(ValueError):
+        decode_schedule("sometimes", cpu)
 
 
 def test_event_envelopes_parse_as_the_worker_parses_them():

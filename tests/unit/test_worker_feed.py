@@ -4,6 +4,7 @@ in-process feed: what it publishes, what it commits, how it re-sends and when it
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import shutil
 import threading
@@ -298,3 +299,71 @@ def test_exactly_once_stops_the_worker_when_transactions_keep_failing(tiny_engin
     worker = app.worker(consumer=feed, producer=feed)
     assert worker.run(install_signals=False) == EXIT_PUBLISH_FAILED
     assert feed.outputs == [] and feed.committed == {}  # nothing published, nothing committed
+
+
+def _record_schedule(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
+    """What the batch stage does, in order: ("begin", ids) / ("run", ids) per batch, ("decode", (id, thread
+    name, idle?)) per decode."""
+    import os
+
+    from moderator.worker import stages
+
+    log: list[tuple[str, object]] = []
+    begin, run, decode = stages.BatchStage.begin, stages.BatchStage.run, stages.ImageStage.decode
+
+    def ids(events: list) -> tuple[str, ...]:
+        return tuple(e.parsed.id for e in events)
+
+    def logged_begin(self, events, waited):  # type: ignore[no-untyped-def]
+        log.append(("begin", ids(events)))
+        return begin(self, events, waited)
+
+    def logged_run(self, batch):  # type: ignore[no-untyped-def]
+        log.append(("run", ids(batch.events)))
+        return run(self, batch)
+
+    def logged_decode(self, e):  # type: ignore[no-untyped-def]
+        idle = os.sched_getscheduler(0) == os.SCHED_IDLE
+        log.append(("decode", (e.parsed.id, threading.current_thread().name, idle)))
+        return decode(self, e)
+
+    monkeypatch.setattr(stages.BatchStage, "begin", logged_begin)
+    monkeypatch.setattr(stages.BatchStage, "run", logged_run)
+    monkeypatch.setattr(stages.ImageStage, "decode", logged_decode)
+    return log
+
+
+def test_pipelined_decoding_of_a_backlog_starts_on_idle_threads_before_the_batch_before_runs(tiny_engine, monkeypatch):
+    log = _record_schedule(monkeypatch)
+    app = App(_settings(decode_schedule="pipelined", max_delay_ms=500), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    for i in range(64):
+        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
+    assert _run(app, feed, 64) == EXIT_OK
+    decided = [o.key for o in feed.outputs if o.topic == app.settings.topic("decisions")]
+    assert sorted(decided) == sorted(f"e{i}".encode() for i in range(64))  # each once
+    assert feed.committed == {feed.tp: 64}
+    order = [(kind, what) for kind, what in log if kind != "decode"]
+    batches = [what for kind, what in order if kind == "begin"]
+    assert [len(b) for b in batches] == [8] * 8  # a backlog: full batches (the batcher waits up to 500 ms)
+    # the next batch began (its decoding submitted) before the one before it ran: the first batch's may
+    # come before the second batch's events are in, the others' are all there
+    ahead = [order.index(("begin", b)) < order.index(("run", a)) for a, b in itertools.pairwise(batches)]
+    assert sum(ahead) >= len(ahead) - 1, order
+    decodes = [what for kind, what in log if kind == "decode"]
+    assert len(decodes) == 64
+    assert any(idle and name.startswith("decode-ahead") for _, name, idle in decodes)  # taken ahead, idle priority
+    assert all(idle == name.startswith("decode-ahead") for _, name, idle in decodes)  # moved ones: normal priority
+
+
+def test_a_batch_that_is_not_full_is_decoded_when_it_runs_at_normal_priority(tiny_engine, monkeypatch):
+    """The stream keeping up (batches smaller than max_batch_size): nothing decodes ahead, nothing at idle
+    priority, where it would wait for every other thread of the machine."""
+    log = _record_schedule(monkeypatch)
+    app = App(_settings(decode_schedule="pipelined"), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    for i in range(3):
+        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
+    assert _run(app, feed, 3) == EXIT_OK
+    decodes = [what for kind, what in log if kind == "decode"]
+    assert len(decodes) == 3 and not any(idle or name.startswith("decode-ahead") for _, name, idle in decodes)
