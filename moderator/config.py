@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Iterable
@@ -163,7 +164,8 @@ class Settings(BaseSettings):
     # A video matches a bank entry when at least this many of its sampled keyframes do (vPDQ's rule for
     # an entry that is one image); an animation matches when any sampled frame does.
     video_bank_min_frames: int = Field(1, ge=1, le=64)
-    decode_threads: int = Field(2, ge=1, le=256)  # concurrent decodes (fetches have their own threads)
+    # concurrent decodes (fetches have their own threads); default: one per core
+    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     # When images are decoded: "overlap" ahead of the model, beside it; "before_forward" when their
     # batch runs, on every core, then the model on every core; "pipelined" from when their batch is
     # taken, beside the batch before it in the model, at idle CPU priority (they take only what the
