@@ -101,6 +101,7 @@ class OpenVinoTower:
 
     precision: ImagePrecision = "int8"
     kind = "openvino-int8"
+    one_call = True  # one native call per part of the batch, the GIL released (see ImageTower)
 
     def __init__(self, compiled: Any, seconds: dict[str, float]) -> None:
         import openvino

@@ -96,6 +96,10 @@ class ImageTower(Protocol):
 
     precision: ImagePrecision
     kind: str  # how it runs: "onednn-fused", "plain", "openvino-int8"
+    # A batch is one call into native code that holds no GIL (OpenVINO): threads beside it at idle priority
+    # cannot stall it. A torch tower dispatches each operator from Python: a thread that holds the GIL
+    # while it waits for a core stalls every dispatch (worker/stages.py decodes ahead only beside one call).
+    one_call: bool
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -108,6 +112,7 @@ class TorchTower:
     dtype: torch.dtype
     precision: ImagePrecision
     kind: str
+    one_call: bool = False  # operators dispatched from Python (see ImageTower)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -142,5 +142,8 @@ def precisions_report(runs: dict[str, PrecisionRun]) -> dict[str, Any]:
                 rate = entry.get(what, {}).get("images_per_s")
                 if rate:
                     entry[f"{what}_over_float32_ceiling"] = round(rate / base_rate, 3)
+        own, worker = (ceiling or {}).get("images_per_s"), entry.get("worker", {}).get("images_per_s")
+        if own and worker:  # how much of its own tower's speed the worker keeps
+            entry["worker_over_own_ceiling"] = round(worker / own, 3)
         out[precision] = entry
     return out

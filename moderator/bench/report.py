@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# decode, preprocess and pdq: CPU time of the decoding threads; transfer, forward, score, publish: the
+# engine thread's wall time; produce: from send to the broker's acknowledgement, per record; commit: wall
+STAGES_UNIT = "ms per image; decode, preprocess, pdq: CPU of the decode threads; produce: send to ack per record"
+
 
 def render_table(report: dict[str, Any]) -> str:
     cfg, model, inputs, c = report["config"], report["model"], report["inputs"], report["contenders"]
@@ -43,7 +47,7 @@ def render_table(report: dict[str, Any]) -> str:
         stages = c.get(name, {}).get("stages")
         if stages:
             parts = [f"{s} {v['ms_per_image']:.2f}" for s, v in stages.items()]
-            lines.append(f"\n{name} stages (ms per image, summed over threads): " + ", ".join(parts))
+            lines.append(f"\n{name} stages ({STAGES_UNIT}): " + ", ".join(parts))
     if "worker" in c:
         lines.append(f"worker engine thread in transfer, forward, score and publish: "
                      f"{c['worker']['model_share_of_wall']:.0%} of the wall time")  # fmt: skip
@@ -156,11 +160,12 @@ def precision_lines(precisions: dict[str, Any]) -> list[str]:
     """The image tower per precision: speed against the float32 ceiling, and the gate's figures."""
     probes = next((p["gate"]["probe_images"] for p in precisions.values() if "probe_images" in p["gate"]), None)
     lines = [
-        "image tower per precision (ratios against the float32 ceiling of this run; cosine and decision agreement"
+        "image tower per precision (ratios against the float32 ceiling of this run, and the worker against its own"
+        " precision's ceiling; cosine and decision agreement"
         + (f" on {probes} generated probe images vs float32" if probes else "")
         + "):",
         f"{'precision':<10} {'tower':<14} {'ceiling/s':>10} {'vs fp32':>8} {'worker/s':>10} {'vs fp32':>8} "
-        f"{'min cos':>9} {'mean cos':>9} {'agreement':>10}  serving",
+        f"{'vs own':>7} {'min cos':>9} {'mean cos':>9} {'agreement':>10}  serving",
     ]
 
     def num(x: Any, fmt: str) -> str:
@@ -173,14 +178,15 @@ def precision_lines(precisions: dict[str, Any]) -> list[str]:
             f"{name:<10} {g['image_tower']:<14} {num(p.get('ceiling', {}).get('images_per_s'), '.2f'):>10} "
             f"{num(p.get('ceiling_over_float32_ceiling'), '.2f') + 'x':>8} "
             f"{num(p.get('worker', {}).get('images_per_s'), '.2f'):>10} "
-            f"{num(p.get('worker_over_float32_ceiling'), '.2f') + 'x':>8} {num(g.get('min_cosine'), '.5f'):>9} "
+            f"{num(p.get('worker_over_float32_ceiling'), '.2f') + 'x':>8} "
+            f"{num(p.get('worker_over_own_ceiling'), '.2f') + 'x':>7} {num(g.get('min_cosine'), '.5f'):>9} "
             f"{num(g.get('mean_cosine'), '.5f'):>9} {num(agreement, '.2%'):>10}  {g['serving']}"
         )
     for name, p in precisions.items():
         stages = p.get("worker", {}).get("stages")
         if stages:
             parts = [f"{s} {v['ms_per_image']:.2f}" for s, v in stages.items()]
-            lines.append(f"  {name} worker stages (ms per image, summed over threads): " + ", ".join(parts))
+            lines.append(f"  {name} worker stages ({STAGES_UNIT}): " + ", ".join(parts))
         if p["gate"].get("fallback"):
             lines.append(f"  {name} fell back to {p['gate']['serving']}: {p['gate']['fallback']}")
         d = p.get("jpeg_draft")

@@ -59,11 +59,13 @@ def decode_schedule(setting: str, device: torch.device) -> Schedule:
     - ``overlap``: as they arrive, ahead of the model, beside it (an accelerator's: decoding on the CPU
       overlaps the device's work);
     - ``before_forward``: when their batch runs, on every core, then the model on every core;
-    - ``pipelined``: a batch's decoding starts when it is taken from the batcher, while the batch before
-      it runs in the model, on decode threads at idle CPU priority (``SCHED_IDLE``), which take only
-      what the model leaves (its threads waiting, a stream done before the other); the model then waits
-      for what is left. Decoding beside the model at normal priority preempts its threads mid-product
-      and costs it more than the decoding takes.
+    - ``pipelined``: a full batch's decoding starts when it is taken from the batcher, while the batch
+      before it runs in the model, on decode threads at idle CPU priority (``SCHED_IDLE``), which take
+      only what the model leaves (its threads waiting, a stream done before the other); what has not
+      started when the batch runs is decoded then, at normal priority. Decoding beside the model at
+      normal priority preempts its threads mid-product and costs it more than the decoding takes. Only
+      beside a tower that runs a batch in one native call (see :meth:`BatchStage.begin`); beside the
+      others it is ``before_forward``.
 
     ``auto``: pipelined on the CPU, overlap on an accelerator.
     """
@@ -266,9 +268,12 @@ class BatchStage:
         at idle CPU priority: beside the model they take only what it leaves. A batch that is not full (the
         stream keeps up) is decoded when it runs, at normal priority: nothing waits behind it, and at idle
         priority it would wait for every other thread of the machine (measured: p99 latency at 50% load
-        several times higher)."""
+        several times higher). Nor beside a tower that dispatches its operators from Python (fp32, bf16):
+        a decode thread holding the GIL while it waits for a core would stall each dispatch (measured:
+        the fp32 forward ~1.7x slower); only beside one native call (the int8 tower, ImageTower.one_call)."""
         decoding = None
-        if self._ahead is not None and sum(map(_rows, events)) >= self.max_batch_size:
+        full = sum(map(_rows, events)) >= self.max_batch_size
+        if self._ahead is not None and full and self.engine.tower.one_call:
             decoding = [self._ahead.submit(self.images.decode, e) for e in events]
         return _Batch(events, waited, decoding)
 

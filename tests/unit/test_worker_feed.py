@@ -334,6 +334,9 @@ def _record_schedule(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]
 
 
 def test_pipelined_decoding_of_a_backlog_starts_on_idle_threads_before_the_batch_before_runs(tiny_engine, monkeypatch):
+    """Beside a tower that runs a batch in one native call (the int8 one; here the tiny torch tower
+    claims it: the schedule is what is tested)."""
+    monkeypatch.setattr(tiny_engine.tower, "one_call", True)
     log = _record_schedule(monkeypatch)
     app = App(_settings(decode_schedule="pipelined", max_delay_ms=500), engine=tiny_engine)
     feed = QueueFeed(app.settings.topic("images"))
@@ -356,9 +359,24 @@ def test_pipelined_decoding_of_a_backlog_starts_on_idle_threads_before_the_batch
     assert all(idle == name.startswith("decode-ahead") for _, name, idle in decodes)  # moved ones: normal priority
 
 
+def test_beside_a_torch_tower_a_backlog_is_decoded_when_each_batch_runs(tiny_engine, monkeypatch):
+    """A tower that dispatches operators from Python (fp32, bf16): no decoding ahead (a decode thread
+    holding the GIL while it waits for a core would stall every dispatch)."""
+    assert not tiny_engine.tower.one_call
+    log = _record_schedule(monkeypatch)
+    app = App(_settings(decode_schedule="pipelined", max_delay_ms=500), engine=tiny_engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    for i in range(32):
+        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
+    assert _run(app, feed, 32) == EXIT_OK
+    decodes = [what for kind, what in log if kind == "decode"]
+    assert len(decodes) == 32 and not any(idle or name.startswith("decode-ahead") for _, name, idle in decodes)
+
+
 def test_a_batch_that_is_not_full_is_decoded_when_it_runs_at_normal_priority(tiny_engine, monkeypatch):
     """The stream keeping up (batches smaller than max_batch_size): nothing decodes ahead, nothing at idle
     priority, where it would wait for every other thread of the machine."""
+    monkeypatch.setattr(tiny_engine.tower, "one_call", True)
     log = _record_schedule(monkeypatch)
     app = App(_settings(decode_schedule="pipelined"), engine=tiny_engine)
     feed = QueueFeed(app.settings.topic("images"))
