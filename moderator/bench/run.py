@@ -82,6 +82,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(all CPU time, the part the hypervisor took: steal) from ``/proc/stat``, in clock ticks; None
+    where there is no such file."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time the hypervisor gave to others between two readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round((after[1] - before[1]) / (after[0] - before[0]), 3)
+
+
 def _machine(engine: ClipEngine) -> dict[str, Any]:
     import transformers
 
@@ -104,6 +124,7 @@ def run_bench(
     CreateTopics API, Kafka >= 0.10.1); a local stack makes its own.
     """
     opts.check()
+    jiffies = cpu_jiffies()
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="moderator-bench-"))
     progress("model")
@@ -248,6 +269,12 @@ def run_bench(
             progress("sweep: prompts")
             report["sweeps"]["prompts"] = sweep_prompts(engine, encoder, reference, images, loader, opts)
         report["ratios"] = ratios(contenders)
+        steal = steal_share(jiffies, cpu_jiffies())
+        report["machine"]["steal_share"] = steal
+        if steal is not None and steal >= 0.05:
+            notes.append(f"the hypervisor gave {steal:.0%} of this machine's CPU time to others during the run"
+                         " (steal, /proc/stat): every figure is slower than the machine's own, and ratios of"
+                         " contenders measured at different times are noisy; run again when it is quiet")  # fmt: skip
         if runs:
             report["precisions"] = precisions_report(runs)
     finally:

@@ -201,3 +201,12 @@ def test_collect_reports_decisions_and_fails_fast_on_what_went_wrong():
         transport.collect({"d"}, 60, seen.__setitem__, lambda: False)  # returns at once, not after 60 s
     with pytest.raises(BenchError, match=r"1 of 1 .* none within 0 s"):
         transport.collect({"d"}, 0.2, seen.__setitem__, lambda: True)
+
+
+def test_steal_is_the_hypervisor_s_share_of_the_cpu_time_between_two_readings():
+    from moderator.bench.run import cpu_jiffies, steal_share
+
+    assert steal_share((1000, 10), (3000, 510)) == 0.25
+    assert steal_share(None, (3000, 510)) is None and steal_share((1000, 10), (1000, 10)) is None
+    now = cpu_jiffies()
+    assert now is not None and now[0] > 0 and 0 <= now[1] <= now[0]  # Linux: /proc/stat is there
