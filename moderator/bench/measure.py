@@ -100,8 +100,11 @@ def run_engine(
 ) -> Result:
     """JPEG bytes to decisions, batched, decoding as the worker would (``schedule``, see
     :func:`moderator.worker.stages.decode_schedule`): each batch just before its forward, or one batch
-    ahead beside the model (overlap: on the loader's pool; pipelined: on a pool at idle priority)."""
+    ahead beside the model (overlap: on the loader's pool; pipelined: on a pool at idle priority, beside a
+    tower that runs a batch in one native call only)."""
     mode = decode_schedule(schedule, engine.device)
+    if mode == "pipelined" and not engine.tower.one_call:
+        mode = "before_forward"  # as the worker: decoding ahead stalls a tower that dispatches from Python
     ahead = None if mode == "before_forward" else loader
     if mode == "pipelined":
         ahead = ImageLoader(loader.limits, loader.spec, loader.threads, idle=True)

@@ -65,7 +65,9 @@ def test_bench_through_real_kafka_and_redis(kafka_service, redis_service, tiny_c
     assert load["p50_ms"] <= load["p95_ms"] <= load["p99_ms"] <= load["max_ms"]
 
     engine = report["contenders"]["engine"]
-    assert engine["decode"] == "before_forward"  # the CPU's schedule, as the worker's
+    # The CPU's schedule is pipelined; beside a torch tower (this fp32 one) it decodes each batch when it
+    # runs, as the worker does.
+    assert engine["decode"] == "before_forward"
     assert {"decode", "preprocess", "transfer", "forward", "score"} <= set(engine["stages"])
     assert report["contenders"]["reference"]["max_abs_probability_difference_vs_engine"] < 1e-4
     assert len(report["contenders"]["ceiling"]["slices_images_per_s"]) == 3
