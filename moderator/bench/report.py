@@ -16,9 +16,9 @@ def render_table(report: dict[str, Any]) -> str:
         f"{report['machine']['device']} {model['dtype']}, batch {cfg['batch']}, {inputs['prompts']} prompts "
         f"(~{inputs['mean_prompt_tokens']} tokens each), {', '.join(inputs['sizes'])} JPEG "
         f"(~{inputs['mean_jpeg_bytes'] // 1024} KiB) {inputs['source']}",
-        "",
-        f"{'contender':<10} {'images/s':>10} {'vs reference':>13} {'vs ceiling':>11}  notes",
     ]
+    if any(name in c for name in ("reference", "engine", "worker", "ceiling")):
+        lines += ["", f"{'contender':<10} {'images/s':>10} {'vs reference':>13} {'vs ceiling':>11}  notes"]
     ref = c.get("reference", {}).get("images_per_s")
     ceil = c.get("ceiling", {}).get("images_per_s")
     notes = {
@@ -72,7 +72,8 @@ def render_table(report: dict[str, Any]) -> str:
         lines += ["", *bank_lines(c["banks"])]
     if "animated" in c:
         lines += ["", *animated_lines(c["animated"])]
-    if report.get("precisions"):
+    measured = [p for p in report.get("precisions", {}).values() if "ceiling" in p or "worker" in p]
+    if measured:  # (not with only contenders that measure no precision, such as eos)
         lines += ["", *precision_lines(report["precisions"])]
     if "http" in c:
         lines += ["", *http_lines(c["http"])]
@@ -171,15 +172,18 @@ def precision_lines(precisions: dict[str, Any]) -> list[str]:
     def num(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
+    def times(x: Any) -> str:
+        return "-" if x is None else f"{x:.2f}x"
+
     for name, p in precisions.items():
         g = p["gate"]
         agreement = min(g["agreement"].values()) if g.get("agreement") else None
         lines.append(
             f"{name:<10} {g['image_tower']:<14} {num(p.get('ceiling', {}).get('images_per_s'), '.2f'):>10} "
-            f"{num(p.get('ceiling_over_float32_ceiling'), '.2f') + 'x':>8} "
+            f"{times(p.get('ceiling_over_float32_ceiling')):>8} "
             f"{num(p.get('worker', {}).get('images_per_s'), '.2f'):>10} "
-            f"{num(p.get('worker_over_float32_ceiling'), '.2f') + 'x':>8} "
-            f"{num(p.get('worker_over_own_ceiling'), '.2f') + 'x':>7} {num(g.get('min_cosine'), '.5f'):>9} "
+            f"{times(p.get('worker_over_float32_ceiling')):>8} "
+            f"{times(p.get('worker_over_own_ceiling')):>7} {num(g.get('min_cosine'), '.5f'):>9} "
             f"{num(g.get('mean_cosine'), '.5f'):>9} {num(agreement, '.2%'):>10}  {g['serving']}"
         )
     for name, p in precisions.items():

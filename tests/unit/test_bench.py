@@ -135,6 +135,24 @@ def test_ratios_and_table():
     assert ratios({"engine": {"images_per_s": 10.0}}) == {}  # nothing to compare with
 
 
+def test_a_report_of_one_contender_prints_no_empty_tables():
+    report = _report()
+    report["contenders"] = {"worker": report["contenders"]["worker"]}
+    report["precisions"] = {
+        "float32": {"gate": {"serving": "float32", "image_tower": "onednn-fused"}, "worker": {"images_per_s": 36.0}},
+        "int8": {"gate": {"serving": "int8", "image_tower": "openvino-int8"}},  # its worker not run
+    }
+    table = render_table(report)
+    assert "contender" in table and "-x" not in table
+    [int8] = [line.split() for line in table.splitlines() if line.startswith("int8")]
+    assert int8[2:6] == ["-", "-", "-", "-"]  # nothing measured: no ratio printed as "-x"
+    # A report of a contender that measures no precision (eos): neither table, only its own lines.
+    report["contenders"] = {}
+    report["precisions"] = {"float32": {"gate": {"serving": "float32", "image_tower": "onednn-fused"}}}
+    table = render_table(report)
+    assert "contender" not in table and "precision" not in table
+
+
 def test_decode_schedule_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert decode_schedule("auto", cpu) == "pipelined" and decode_schedule("auto", cuda) == "overlap"
