@@ -95,22 +95,20 @@ def _dct_matrix() -> np.ndarray:
 
 DCT = _dct_matrix()
 # The 8 dihedral variants from the original's DCT: (sign of each coefficient [16, 16], transposed?).
-# A mirror or rotation of the image negates the odd-or-even frequencies along the axis it reverses.
-_ODD = np.arange(16) % 2 == 1
-_SIGNS = {
-    "rows": np.where(_ODD, 1.0, -1.0).astype(np.float32)[:, None] * np.ones((1, 16), np.float32),
-    "cols": np.ones((16, 1), np.float32) * np.where(_ODD, 1.0, -1.0).astype(np.float32)[None, :],
-}
-_CHECKER = np.where((np.arange(16)[:, None] + np.arange(16)[None, :]) % 2 == 1, -1.0, 1.0).astype(np.float32)
+# Reversing an axis negates its odd frequencies (frequencies 1..16 sit at index 0..15: index 0, 2, ...).
+_ALTERNATE = np.where(np.arange(16) % 2 == 1, 1.0, -1.0).astype(np.float32)
+_ROWS = np.outer(_ALTERNATE, np.ones(16, np.float32))  # the sign by each row's frequency
+_COLS = np.outer(np.ones(16, np.float32), _ALTERNATE)  # by each column's
+_BOTH = _ROWS * _COLS
 _DIHEDRAL = (  # in VARIANTS' order
     (None, False),  # original
-    (_SIGNS["cols"], True),  # rotate90
-    (_CHECKER, False),  # rotate180
-    (_SIGNS["rows"], True),  # rotate270
-    (_SIGNS["rows"], False),  # flipx
-    (_SIGNS["cols"], False),  # flipy
+    (_COLS, True),  # rotate90
+    (_BOTH, False),  # rotate180
+    (_ROWS, True),  # rotate270
+    (_ROWS, False),  # flipx
+    (_COLS, False),  # flipy
     (None, True),  # flip_plus1
-    (_CHECKER, True),  # flip_minus1
+    (_BOTH, True),  # flip_minus1
 )
 
 

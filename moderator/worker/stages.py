@@ -291,12 +291,10 @@ class BatchStage:
         policies, the banks; hand every decision to the sink."""
         events, waited = batch.events, batch.waited
         if self._decoder is not None:  # every core decodes (what is left of) the batch, then the model runs
-            decoding: list[Future[bool] | None] = [None] * len(events)
-            if batch.decoding is not None:
-                decoding = list(batch.decoding)
+            ahead: list[Future[bool]] | list[None] = batch.decoding or [None] * len(events)
             # A decode that has not started yet moves from the idle threads to the normal ones.
             moved = [f if f is not None and not f.cancel() else self._decoder.submit(self.images.decode, e)
-                     for f, e in zip(decoding, events, strict=True)]  # fmt: skip
+                     for f, e in zip(ahead, events, strict=True)]  # fmt: skip
             good = [f.result() for f in moved]
             events = [e for e, ok in zip(events, good, strict=True) if ok]
             waited = [w for w, ok in zip(waited, good, strict=True) if ok]

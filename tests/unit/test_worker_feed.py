@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -304,8 +305,6 @@ def test_exactly_once_stops_the_worker_when_transactions_keep_failing(tiny_engin
 def _record_schedule(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
     """What the batch stage does, in order: ("begin", ids) / ("run", ids) per batch, ("decode", (id, thread
     name, idle?)) per decode."""
-    import os
-
     from moderator.worker import stages
 
     log: list[tuple[str, object]] = []
@@ -333,16 +332,23 @@ def _record_schedule(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]
     return log
 
 
+def _run_recorded(engine, monkeypatch, events: int, **settings):  # type: ignore[no-untyped-def]
+    """``events`` events through a pipelined worker, what its batch stage did recorded (see
+    :func:`_record_schedule`); the app, its feed, the record."""
+    log = _record_schedule(monkeypatch)
+    app = App(_settings(decode_schedule="pipelined", **settings), engine=engine)
+    feed = QueueFeed(app.settings.topic("images"))
+    for i in range(events):
+        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
+    assert _run(app, feed, events) == EXIT_OK
+    return app, feed, log
+
+
 def test_pipelined_decoding_of_a_backlog_starts_on_idle_threads_before_the_batch_before_runs(tiny_engine, monkeypatch):
     """Beside a tower that runs a batch in one native call (the int8 one; here the tiny torch tower
     claims it: the schedule is what is tested)."""
     monkeypatch.setattr(tiny_engine.tower, "one_call", True)
-    log = _record_schedule(monkeypatch)
-    app = App(_settings(decode_schedule="pipelined", max_delay_ms=500), engine=tiny_engine)
-    feed = QueueFeed(app.settings.topic("images"))
-    for i in range(64):
-        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
-    assert _run(app, feed, 64) == EXIT_OK
+    app, feed, log = _run_recorded(tiny_engine, monkeypatch, 64, max_delay_ms=500)
     decided = [o.key for o in feed.outputs if o.topic == app.settings.topic("decisions")]
     assert sorted(decided) == sorted(f"e{i}".encode() for i in range(64))  # each once
     assert feed.committed == {feed.tp: 64}
@@ -363,12 +369,7 @@ def test_beside_a_torch_tower_a_backlog_is_decoded_when_each_batch_runs(tiny_eng
     """A tower that dispatches operators from Python (fp32, bf16): no decoding ahead (a decode thread
     holding the GIL while it waits for a core would stall every dispatch)."""
     assert not tiny_engine.tower.one_call
-    log = _record_schedule(monkeypatch)
-    app = App(_settings(decode_schedule="pipelined", max_delay_ms=500), engine=tiny_engine)
-    feed = QueueFeed(app.settings.topic("images"))
-    for i in range(32):
-        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
-    assert _run(app, feed, 32) == EXIT_OK
+    _, _, log = _run_recorded(tiny_engine, monkeypatch, 32, max_delay_ms=500)
     decodes = [what for kind, what in log if kind == "decode"]
     assert len(decodes) == 32 and not any(idle or name.startswith("decode-ahead") for _, name, idle in decodes)
 
@@ -377,11 +378,6 @@ def test_a_batch_that_is_not_full_is_decoded_when_it_runs_at_normal_priority(tin
     """The stream keeping up (batches smaller than max_batch_size): nothing decodes ahead, nothing at idle
     priority, where it would wait for every other thread of the machine."""
     monkeypatch.setattr(tiny_engine.tower, "one_call", True)
-    log = _record_schedule(monkeypatch)
-    app = App(_settings(decode_schedule="pipelined"), engine=tiny_engine)
-    feed = QueueFeed(app.settings.topic("images"))
-    for i in range(3):
-        feed.put(f"e{i}".encode(), _event(f"e{i}", i))
-    assert _run(app, feed, 3) == EXIT_OK
+    _, _, log = _run_recorded(tiny_engine, monkeypatch, 3)
     decodes = [what for kind, what in log if kind == "decode"]
     assert len(decodes) == 3 and not any(idle or name.startswith("decode-ahead") for _, name, idle in decodes)
